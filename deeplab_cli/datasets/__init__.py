@@ -1,0 +1,1 @@
+"""Dataset layouts (VOC 2012, Cityscapes, ADE20K) for evaluation."""

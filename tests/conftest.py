@@ -1,0 +1,41 @@
+"""Shared test fixtures: paths into ../shared and a weight cache that uses ../shared/weights as mirror.
+
+Nothing is downloaded: DEEPLAB_MIRROR points at the shared weights, DEEPLAB_HOME at a per-session cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("DEEPLAB_SHARED", REPO.parent / "shared")).resolve()
+WEIGHTS_MIRROR = SHARED / "weights"
+IMAGES = SHARED / "images"
+VOC_ROOT = SHARED / "voc"  # holds VOC2012/
+VOC2012 = VOC_ROOT / "VOC2012"
+
+
+def voc_sample_ids(n: int | None = None) -> list[str]:
+    """The ids of the real VOC images present in ../shared (first ``n`` of them)."""
+    ids = (VOC2012 / "ImageSets" / "Segmentation" / "sample.txt").read_text().split()
+    return ids[:n] if n else ids
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deeplab_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weight cache for the whole test session, filled from the shared mirror on first use.
+
+    Set DEEPLAB_TEST_HOME to reuse a cache between local runs (CI always starts empty).
+    """
+    shared_base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared_base = shared_base.parent  # one cache for all xdist workers (conversion is atomic)
+    home = Path(os.environ.get("DEEPLAB_TEST_HOME") or shared_base / "deeplab_home")
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["DEEPLAB_HOME"] = str(home)
+    os.environ["DEEPLAB_MIRROR"] = str(WEIGHTS_MIRROR)
+    os.environ["DEEPLAB_OFFLINE"] = "1"
+    return home
