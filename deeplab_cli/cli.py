@@ -53,7 +53,9 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning library errors into one line on stderr and an exit code."""
     try:
-        cli.main(args=argv, prog_name="deeplab", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="deeplab", standalone_mode=False)
+        if isinstance(code, int) and code:  # ctx.exit(n) returns n when standalone_mode is off
+            sys.exit(code)
     except click.exceptions.Abort:
         click.echo("deeplab: interrupted", err=True)
         sys.exit(130)
@@ -70,3 +72,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(141)
+    except OSError as exc:  # disk full, permissions, ...: one line, not a traceback
+        click.echo(f"deeplab: error: {exc}", err=True)
+        sys.exit(1)

@@ -216,6 +216,7 @@ def _lock(name: str) -> Iterator[None]:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(temp, path)
@@ -256,6 +257,8 @@ def import_file(path: Path, request: ImportRequest | None = None) -> list[ModelS
     cached = copy_atomic(path, home() / "sources" / _cached_name(spec, path))
     with _lock(spec.name):
         _convert(spec, cached)
+    if spec.user:  # recorded only once its conversion succeeded
+        _write_json_atomic(home() / "models" / f"{spec.name}.json", json.loads(spec.to_json()))
     return [spec]
 
 
@@ -303,7 +306,7 @@ def _user_spec(path: Path, digest: str, request: ImportRequest) -> ModelSpec:
     file_name = f"{request.name}{path.suffix or '.bin'}"
     source = Source(format=source_format, file=file_name, sha256=digest, size=path.stat().st_size)
     class_names = _read_classes(request.classes_file) if request.classes_file else template.class_names
-    spec = dataclasses.replace(
+    return dataclasses.replace(
         template,
         name=request.name,
         source=source,
@@ -314,8 +317,6 @@ def _user_spec(path: Path, digest: str, request: ImportRequest) -> ModelSpec:
         reported={},
         measured={},
     )
-    _write_json_atomic(home() / "models" / f"{spec.name}.json", json.loads(spec.to_json()))
-    return spec
 
 
 def _template_for(arch: str) -> ModelSpec:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,11 @@ def run_cli(
     return subprocess.run(
         [sys.executable, "-m", "deeplab_cli", *args], capture_output=True, text=True, env=env, input=stdin
     )
+
+
+def session_home() -> Path:
+    """The test session's shared cache (conftest), where converted models are reused."""
+    return Path(os.environ["DEEPLAB_HOME"])
 
 
 def models_json(home: Path) -> dict[str, dict]:
@@ -152,7 +158,7 @@ def _labels(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
 
 def test_export_has_dynamic_batch_height_width(tmp_path: Path) -> None:
     out = tmp_path / "model.onnx"
-    result = run_cli("export", SMALL, "-o", str(out), home=tmp_path / "home", mirror=str(WEIGHTS_MIRROR))
+    result = run_cli("export", SMALL, "-o", str(out), home=session_home(), mirror=str(WEIGHTS_MIRROR))
     assert result.returncode == 0, result.stderr
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].name == "image"
@@ -168,7 +174,7 @@ def test_export_has_dynamic_batch_height_width(tmp_path: Path) -> None:
 
 
 def test_export_fp16_agrees_with_float32(tmp_path: Path) -> None:
-    home, mirror = tmp_path / "home", str(WEIGHTS_MIRROR)
+    home, mirror = session_home(), str(WEIGHTS_MIRROR)
     assert run_cli("export", SMALL, "-o", str(tmp_path / "a.onnx"), home=home, mirror=mirror).returncode == 0
     result = run_cli("export", SMALL, "-o", str(tmp_path / "b.onnx"), "--fp16", home=home, mirror=mirror)
     assert result.returncode == 0, result.stderr
