@@ -30,6 +30,8 @@ from deeplab_cli.zoo import ModelSpec, Source, find_by_sha256, get_model, regist
 # Bump when conversion changes in a way that makes cached ONNX files stale.
 CONVERTER_VERSION = 1
 FORMAT_BY_SUFFIX = {".tflite": "tflite", ".caffemodel": "caffe"}
+# Architectures without a registry row of their own borrow the input convention of a sibling's row.
+TEMPLATE_FOR_ARCH = {"deeplab-v2-vgg16": "deeplab-v1-largefov"}
 
 
 def home() -> Path:
@@ -174,7 +176,7 @@ def _weight_file(spec: ModelSpec, source: Path) -> Path:
     member = spec.source.archive_member if spec.source else None
     if not (member and zipfile.is_zipfile(source)):
         return source
-    target = home() / "sources" / Path(member).name
+    target = home() / "sources" / f"{spec.name}--{Path(member).name}"  # members of releases may share names
     if not target.exists():
         with zipfile.ZipFile(source) as archive:
             names = [m for m in archive.namelist() if Path(m).name == Path(member).name]
@@ -325,9 +327,11 @@ def _template_for(arch: str) -> ModelSpec:
     Naming a registry model pins the variant too (e.g. the depth multiplier of a MobileNet).
     """
     rows = registry_models()
-    template = next((s for s in rows if s.name == arch), None) or next(
-        (s for s in rows if s.arch == arch), None
-    )
+    by_name = next((s for s in rows if s.name == arch), None)
+    template = by_name or next((s for s in rows if s.arch == arch), None)
+    if template is None and arch in TEMPLATE_FOR_ARCH:
+        sibling = next(s for s in rows if s.name == TEMPLATE_FOR_ARCH[arch])
+        template = dataclasses.replace(sibling, arch=arch, arch_options={})
     if template is None:
         known = sorted({s.arch for s in rows})
         raise UsageError(
@@ -359,11 +363,18 @@ def _import_archive(path: Path) -> list[ModelSpec]:
     ]
     if not specs:
         raise WeightsError(f"archive {path.name} holds no weight file that a registry model expects")
-    for spec in specs:
+    imported, errors = [], []
+    for spec in specs:  # releases of different networks may use the same member name
         cached = copy_atomic(path, home() / "sources" / spec.source.file)
-        with _lock(spec.name):
-            _convert(spec, cached)
-    return specs
+        try:
+            with _lock(spec.name):
+                _convert(spec, cached)
+            imported.append(spec)
+        except WeightsError as exc:
+            errors.append(str(exc))
+    if not imported:
+        raise WeightsError(f"archive {path.name} fits no registry model: {'; '.join(errors)}")
+    return imported
 
 
 def _extract_member(archive: zipfile.ZipFile, member: str, target: Path) -> None:

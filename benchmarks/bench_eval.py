@@ -1,0 +1,106 @@
+"""Evaluation overhead vs inference, and images/s of `deeplab eval` with and without the CRF.
+
+Overhead = the work evaluation adds around the network: decoding the image and the ground-truth PNG,
+the trimap distance transform, and the confusion-matrix/trimap updates. It is measured per image and
+compared with the inference time (network + upsampling of the logits) of the same image, in the same run.
+Then the whole `evaluate()` loop (read-ahead thread, metrics, optionally the CRF) is timed end to end
+against a bare inference loop over the same images.
+
+Usage: python benchmarks/bench_eval.py [--n 30] [--crf-n 8] [--model deeplabv3-mnv2-voc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("DEEPLAB_SHARED", REPO.parent / "shared"))
+os.environ.setdefault("DEEPLAB_MIRROR", str(SHARED / "weights"))
+os.environ.setdefault("DEEPLAB_OFFLINE", "1")
+sys.path.insert(0, str(REPO))
+
+from deeplab_cli.datasets import open_dataset  # noqa: E402
+from deeplab_cli.evaluate import EvalOptions, _load, evaluate, labels_of, network_scores  # noqa: E402
+from deeplab_cli.metrics import ConfusionMatrix, TrimapAccumulator  # noqa: E402
+from deeplab_cli.runtime import Segmenter  # noqa: E402
+from deeplab_cli.tuning import resolve_crf_params  # noqa: E402
+
+
+def median_ms(values: list[float]) -> str:
+    return f"{1000 * statistics.median(values):8.1f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=30, help="images for the overhead and no-CRF runs")
+    parser.add_argument("--crf-n", type=int, default=8, help="images for the CRF run")
+    parser.add_argument("--model", default="deeplabv3-mnv2-voc")
+    parser.add_argument("--crf-workers", type=int, default=None)
+    args = parser.parse_args()
+
+    dataset = open_dataset("voc", SHARED / "voc", "sample").limit(args.n)
+    segmenter = Segmenter(args.model, device="cpu")
+    network_scores(segmenter, _load(dataset, dataset.samples[0], 40).rgb)  # warm-up
+
+    decode, band, metrics, infer = [], [], [], []
+    matrix = ConfusionMatrix(21)
+    trimap = TrimapAccumulator(21)
+    for sample in dataset.samples:
+        t0 = time.perf_counter()
+        loaded = _load(dataset, sample, 1)  # decode only (width 1: the band is negligible)
+        t1 = time.perf_counter()
+        loaded_band = trimap.band(loaded.label)
+        t2 = time.perf_counter()
+        scores = network_scores(segmenter, loaded.rgb)
+        t3 = time.perf_counter()
+        pred = labels_of(scores.logits)
+        matrix.update(loaded.label, pred)
+        trimap.update(loaded.label, pred, loaded_band)
+        t4 = time.perf_counter()
+        decode.append(t1 - t0)
+        band.append(t2 - t1)
+        infer.append(t3 - t2)
+        metrics.append(t4 - t3)
+    overhead = [a + b + c for a, b, c in zip(decode, band, metrics, strict=True)]
+    print(f"model {args.model}, {len(dataset)} VOC sample images, CPU threads {os.cpu_count()}")
+    print(f"median per image: decode image+GT {median_ms(decode)}, trimap distance {median_ms(band)}")
+    print(f"                  metrics (argmax, confusion, trimap) {median_ms(metrics)}")
+    print(f"                  inference (network + upsampling) {median_ms(infer)}")
+    ratio = sum(overhead) / sum(infer)
+    print(f"evaluation overhead / inference (serial, summed): {100 * ratio:.1f} %  (goal <= 10 %)")
+
+    start = time.perf_counter()
+    for sample in dataset.samples:
+        network_scores(segmenter, _load(dataset, sample, 1).rgb)
+    bare = time.perf_counter() - start
+    result = evaluate(segmenter, dataset, EvalOptions())
+    wall = result.timings["wall_s"]
+    print(
+        f"bare inference loop {len(dataset) / bare:.2f} images/s; "
+        f"evaluate() without CRF {len(dataset) / wall:.2f} images/s"
+    )
+    print(f"end-to-end overhead of evaluate() over bare inference: {100 * (wall / bare - 1):+.1f} %")
+
+    if args.crf_n <= 0:
+        return
+    crf_data = dataset.limit(args.crf_n)
+    params = resolve_crf_params(segmenter.spec)
+    result = evaluate(segmenter, crf_data, EvalOptions(crf=params, crf_workers=args.crf_workers))
+    crf_wall = result.timings["wall_s"]
+    print(
+        f"evaluate() with CRF ({params.iterations} iterations, {len(crf_data)} images): "
+        f"{len(crf_data) / crf_wall:.2f} images/s; waited {result.timings['crf_s']:.1f} s for the CRF"
+    )
+    print(
+        f"mIoU on these {len(crf_data)} images: {100 * result.plain.matrix.miou():.2f} without CRF, "
+        f"{100 * result.crf.matrix.miou():.2f} with CRF"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Segmenter on the real models and images: expected masks, the upsampling protocol, batching, limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deeplab_cli.errors import DeviceError, ModelNotFoundError, UsageError
+from deeplab_cli.runtime import Segmenter, interpolation_matrix, upsample, upsample_labels
+from tests.conftest import IMAGES, VOC2012, voc_sample_ids
+
+DM05 = "deeplabv3-mnv2-dm05-voc"
+MNV2 = "deeplabv3-mnv2-voc"
+
+
+@pytest.fixture(scope="module")
+def dm05() -> Segmenter:
+    return Segmenter(DM05, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def mnv2() -> Segmenter:
+    return Segmenter(MNV2, device="cpu")
+
+
+def reference_labels(logits: np.ndarray, padded: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """The protocol spelled out with torch: upsample to the padded size (align corners), crop, argmax."""
+    scores = torch.nn.functional.interpolate(
+        torch.from_numpy(logits)[None], size=padded, mode="bilinear", align_corners=True
+    )[0, :, : size[0], : size[1]]
+    return scores.argmax(0).numpy()
+
+
+def test_golden_mask_of_the_float_model(dm05: Segmenter) -> None:
+    # tflite-support's expected output for this model: pixel value = class index x 10.
+    golden = np.array(Image.open(IMAGES / "segmentation_golden_rotation0.png")) // 10
+    prediction = dm05.predict(IMAGES / "segmentation_input_rotation0.jpg")
+    assert prediction.labels.shape == golden.shape and prediction.labels.dtype == np.uint8
+    assert (prediction.labels == golden).mean() >= 0.999  # measured: 1.0
+    assert {c["name"] for c in prediction.class_fractions(dm05.class_names)} == {
+        "background",
+        "horse",
+        "person",
+    }
+
+
+def test_bird_mask_of_the_uint8_model(mnv2: Segmenter) -> None:
+    # The expected mask came from the quantised uint8 model: borders differ a little.
+    expected = np.array(Image.open(IMAGES / "bird_segmentation_mask.bmp"))
+    labels = mnv2.predict(IMAGES / "bird_segmentation.bmp").labels
+    assert (labels == expected).mean() >= 0.97  # measured: 0.9817
+    assert (labels[expected == 3] == 3).mean() >= 0.95  # the bird itself
+
+
+def test_dog_foreground_matches_the_trimap(mnv2: Segmenter) -> None:
+    # dog_segmentation_mask.bmp is a pet trimap (0 = animal, 1 = background, 2 = border), not VOC ids.
+    trimap = np.array(Image.open(IMAGES / "dog_segmentation_mask.bmp"))
+    labels = mnv2.predict(IMAGES / "dog_segmentation.bmp").labels
+    known = trimap != 2
+    agreement = ((labels != 0) == (trimap == 0))[known].mean()
+    assert agreement >= 0.97  # measured: 0.985
+
+
+def test_labels_follow_the_protocol_exactly(mnv2: Segmenter) -> None:
+    for image_id in voc_sample_ids(3):
+        prediction = mnv2.predict(VOC2012 / "JPEGImages" / f"{image_id}.jpg", return_probs=True)
+        assert prediction.padded_size == (513, 513) and prediction.logits.shape == (21, 65, 65)
+        reference = reference_labels(prediction.logits, prediction.padded_size, prediction.image_size)
+        assert np.array_equal(prediction.labels, reference)
+        assert np.allclose(prediction.probs.sum(axis=0), 1.0, atol=1e-4)
+        assert np.array_equal(prediction.probs.argmax(axis=0), prediction.labels)
+        assert prediction.crop_box == (0, 0, *prediction.image_size)
+
+
+def test_fast_label_path_equals_dense_upsampling(dm05: Segmenter) -> None:
+    logits = dm05.predict(IMAGES / "bird_segmentation.bmp").logits  # 21 x 65 x 65 for 513 x 513
+    cases = [
+        ((513, 513), (513, 513)),
+        ((400, 300), (400, 300)),
+        ((1026, 1026), (513, 513)),
+    ]  # last: shrunk 2x
+    for size, input_size in cases:
+        fast = upsample_labels(logits, size, input_size, (513, 513))
+        dense, probs = upsample(logits, size, input_size, (513, 513), return_probs=True)
+        assert np.array_equal(fast, dense)
+        assert probs.shape == (21, *size)
+
+
+def test_interpolation_matrix_is_align_corners() -> None:
+    weights = interpolation_matrix(17, 17, 17, 3)  # logits on pixels 0, 8, 16
+    assert weights.shape == (17, 3)
+    assert np.allclose(weights.sum(axis=1), 1.0)
+    assert (
+        weights[0].tolist() == [1, 0, 0]
+        and weights[8].tolist() == [0, 1, 0]
+        and weights[16].tolist() == [0, 0, 1]
+    )
+    assert weights[4].tolist() == [0.5, 0.5, 0]
+
+
+def test_predict_batch_matches_single_predictions(dm05: Segmenter) -> None:
+    paths = [VOC2012 / "JPEGImages" / f"{i}.jpg" for i in voc_sample_ids(3)] + [
+        IMAGES / "dog_segmentation.bmp"
+    ]
+    dm05.batch_size = 2
+    try:
+        batched = dm05.predict_batch(paths)
+    finally:
+        dm05.batch_size = 1
+    assert len(batched) == len(paths)
+    for path, prediction in zip(paths, batched, strict=True):
+        single = dm05.predict(path)
+        assert prediction.labels.shape == single.labels.shape
+        assert (prediction.labels == single.labels).mean() >= 0.999
+        assert np.allclose(prediction.logits, single.logits, atol=1e-3)
+
+
+def test_array_and_pil_inputs(dm05: Segmenter) -> None:
+    path = IMAGES / "segmentation_input_rotation0.jpg"
+    from_path = dm05.predict(path).labels
+    pil = Image.open(path)
+    assert np.array_equal(dm05.predict(pil).labels, from_path)
+    assert np.array_equal(dm05.predict(np.array(pil.convert("RGB"))).labels, from_path)
+    with pytest.raises(UsageError):
+        dm05.predict(np.zeros((4, 4, 3), np.float32))
+
+
+def test_max_size_bounds_the_network_input(dm05: Segmenter) -> None:
+    image = Image.open(IMAGES / "segmentation_input_rotation0.jpg").convert("RGB")  # 257 x 257
+    small = dm05.predict(image).labels
+    big_image = np.array(image.resize((1028, 1028), Image.BICUBIC))
+    limited = Segmenter(DM05, device="cpu", max_size=257)
+    prediction = limited.predict(big_image)
+    assert prediction.labels.shape == (1028, 1028)
+    assert prediction.input_size == (257, 257) and prediction.padded_size == (257, 257)
+    upscaled = np.array(Image.fromarray(small).resize((1028, 1028), Image.NEAREST))
+    assert (prediction.labels == upscaled).mean() >= 0.97
+
+
+def test_onnx_path_reads_the_spec(dm05: Segmenter) -> None:
+    from_file = Segmenter(Path(dm05.onnx_path), device="cpu")
+    assert from_file.spec.name == DM05 and from_file.spec.num_classes == 21
+    path = IMAGES / "dog_segmentation.bmp"
+    assert np.array_equal(from_file.predict(path).labels, dm05.predict(path).labels)
+
+
+def test_unknown_model_and_bad_options() -> None:
+    with pytest.raises(ModelNotFoundError, match="unknown model 'no-such-model'"):
+        Segmenter("no-such-model")
+    with pytest.raises(UsageError):
+        Segmenter(DM05, batch_size=0)
+    with pytest.raises(UsageError, match="invalid device"):
+        Segmenter(DM05, device="tpu")
+
+
+def test_cuda_without_a_gpu_is_an_error() -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("a CUDA provider is installed here")
+    with pytest.raises(DeviceError, match="--device cuda"):
+        Segmenter(DM05, device="cuda")
+    assert Segmenter(DM05, device="auto").providers == ["CPUExecutionProvider"]
+
+
+def test_parallel_sessions_give_the_same_labels(dm05: Segmenter) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    two = Segmenter(DM05, device="cpu", sessions=2)
+    paths = [VOC2012 / "JPEGImages" / f"{i}.jpg" for i in voc_sample_ids(4)]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(two.predict, paths))
+    for path, prediction in zip(paths, results, strict=True):
+        assert np.array_equal(prediction.labels, dm05.predict(path).labels)
