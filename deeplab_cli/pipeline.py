@@ -399,8 +399,8 @@ class Pipeline:
                 if not reads:  # nothing left decoding: flush the partial batches
                     for size in list(groups):
                         submit(size)
-                self._drain(pending, summary, lookahead + options.batch_size * sessions, groups, submit)
-            self._drain(pending, summary, 0, groups, submit)
+                self._drain(pending, summary, lookahead + options.batch_size * sessions, submit)
+            self._drain(pending, summary, 0, submit)
         except BaseException:
             for future in reads:
                 future.cancel()
@@ -415,9 +415,7 @@ class Pipeline:
         summary.elapsed = time.perf_counter() - start
         return summary
 
-    def _drain(
-        self, pending: deque[_Slot], summary: Summary, limit: int, groups: dict, submit: Callable
-    ) -> None:
+    def _drain(self, pending: deque[_Slot], summary: Summary, limit: int, submit: Callable) -> None:
         """Report finished records in input order; wait for the oldest while more than ``limit`` pend
         (submitting its partial batch first if it is still waiting for one)."""
         while pending:

@@ -267,7 +267,7 @@ def upsample_labels(
     image_size: tuple[int, int],
     input_size: tuple[int, int],
     padded_size: tuple[int, int],
-    chunk: int = 1 << 20,
+    chunk_bytes: int = 16 * 2**20,
 ) -> np.ndarray:
     """The argmax of the bilinearly upsampled logits, exactly, without upsampling every class plane.
 
@@ -283,10 +283,15 @@ def upsample_labels(
     below = np.vstack([coarse[1:], coarse[-1:]])
     uniform = (coarse == below) & (coarse == np.hstack([coarse[:, 1:], coarse[:, -1:]]))
     uniform &= coarse == np.hstack([below[:, 1:], below[:, -1:]])
-    labels = coarse[np.ix_(y0, x0)]
-    rows, cols = np.nonzero(~uniform[np.ix_(y0, x0)])
-    if rows.size:
-        table = np.ascontiguousarray(logits.reshape(channels, -1).T, dtype=np.float32)  # cells x C
+    labels = np.empty((height, width), dtype=coarse.dtype)
+    table = np.ascontiguousarray(logits.reshape(channels, -1).T, dtype=np.float32)  # cells x C
+    chunk = max(4096, chunk_bytes // (channels * 4))  # border pixels per step: bounds the C-wide temporaries
+    band = max(1, chunk // max(1, width))  # rows per band: bounds the masks and index arrays
+    for first in range(0, height, band):
+        ys = slice(first, min(height, first + band))
+        labels[ys] = coarse[y0[ys]][:, x0]
+        rows, cols = np.nonzero(~uniform[y0[ys]][:, x0])
+        rows += first
         for start in range(0, rows.size, chunk):
             r, c = rows[start : start + chunk], cols[start : start + chunk]
             wy, wx = fy[r][:, None], fx[c][:, None]

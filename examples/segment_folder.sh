@@ -13,12 +13,14 @@ out="${2:-$(mktemp -d)}"
 model="${DEEPLAB_MODEL:-deeplabv3-mnv2-dm05-voc}"
 records="$out/records.jsonl"
 mkdir -p "$out"
+# The `deeplab` command, or the module when the console script is not on PATH.
+if command -v deeplab > /dev/null; then deeplab=(deeplab); else deeplab=(python -m deeplab_cli); fi
 
 # 1. Every photo under the folder (not the expected masks), one path per line, into `deeplab segment -`.
 #    Masks mirror the folder structure under $out/masks; --skip-existing makes a rerun resume.
 find "$images" -type f \( -iname '*.jpg' -o -iname '*.png' -o -iname '*.bmp' \) ! -iname '*mask*' ! -iname '*golden*' \
   | sort \
-  | deeplab segment - -o "$out/masks" --model "$model" --json --skip-existing --quiet > "$records"
+  | "${deeplab[@]}" segment - -o "$out/masks" --model "$model" --json --skip-existing --quiet > "$records"
 
 # 2. JSON lines -> tab-separated rows (input, class, fraction) with python -c ...
 python -c '

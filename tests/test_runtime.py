@@ -176,3 +176,22 @@ def test_parallel_sessions_give_the_same_labels(dm05: Segmenter) -> None:
         results = list(pool.map(two.predict, paths))
     for path, prediction in zip(paths, results, strict=True):
         assert np.array_equal(prediction.labels, dm05.predict(path).labels)
+
+
+def test_big_label_maps_do_not_materialise_class_planes(dm05: Segmenter) -> None:
+    import tracemalloc
+
+    logits = dm05.predict(IMAGES / "bird_segmentation.bmp").logits  # 21 x 65 x 65
+    size = (4000, 4000)  # as if a 4000 x 4000 photo had been shrunk to 513 x 513 for the network
+    tracemalloc.start()
+    try:
+        labels = upsample_labels(logits, size, (513, 513), (513, 513))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert labels.shape == size and labels.dtype == np.uint8
+    planes = 21 * size[0] * size[1] * 4  # 1.3 GB of float32 class planes
+    assert peak < planes / 16, f"peak {peak / 2**20:.0f} MB"  # measured: 41 MB (16 MB are the labels)
+    small = upsample_labels(logits, (513, 513), (513, 513), (513, 513))
+    coarse = np.array(Image.fromarray(small).resize(size, Image.NEAREST))
+    assert (labels == coarse).mean() >= 0.98

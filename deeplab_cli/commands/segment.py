@@ -214,19 +214,21 @@ def segment(
             err=True,
         )
 
+    say = _Stderr()
+
     def on_record(record: pipeline.Record) -> None:
         if record.status == "failed":
-            click.echo(f"deeplab: error: {record.error}", err=True)
+            say(f"deeplab: error: {record.error}")
         elif verbose and not quiet:
             target = ", ".join(record.outputs.values()) or "-"
-            click.echo(f"deeplab: {record.status}: {record.input} -> {target}", err=True)
+            say(f"deeplab: {record.status}: {record.input} -> {target}")
         if as_json:
             click.echo(json.dumps(record.to_dict()))
             sys.stdout.flush()
 
     runner = pipeline.Pipeline(segmenter, options, on_record=on_record)
     with _sigterm_as_interrupt():
-        summary = _run_with_progress(runner, jobs, show=not quiet and sys.stderr.isatty())
+        summary = _run_with_progress(runner, jobs, say, show=not quiet and sys.stderr.isatty())
     if not quiet:
         rate = summary.ok / summary.elapsed if summary.elapsed > 0 else 0.0
         click.echo(
@@ -238,7 +240,20 @@ def segment(
         ctx.exit(1)
 
 
-def _run_with_progress(runner: Any, jobs: list, show: bool) -> Any:
+class _Stderr:
+    """Lines for stderr; printed above the progress bar while one is shown."""
+
+    def __init__(self) -> None:
+        self.console: Any = None
+
+    def __call__(self, line: str) -> None:
+        if self.console is not None:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            click.echo(line, err=True)
+
+
+def _run_with_progress(runner: Any, jobs: list, say: _Stderr, show: bool) -> Any:
     if not show:
         return runner.run(jobs)
     from rich.console import Console
@@ -248,4 +263,8 @@ def _run_with_progress(runner: Any, jobs: list, show: bool) -> Any:
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("segment", total=len(jobs))
         runner.on_progress = lambda n: progress.advance(task, n)
-        return runner.run(jobs)
+        say.console = progress.console
+        try:
+            return runner.run(jobs)
+        finally:
+            say.console = None
