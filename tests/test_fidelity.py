@@ -85,7 +85,9 @@ def reference_inputs(reference: TFLiteReference) -> list[tuple[str, np.ndarray]]
         image = load_rgb(IMAGES / "cityscapes_segmentation.bmp")
         big = np.asarray(
             torch.nn.functional.interpolate(
-                torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=(1024, 1024), mode="bilinear"
+                torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float(),
+                size=(1024, 1024),
+                mode="bilinear",
             )[0]
             .permute(1, 2, 0)
             .round()

@@ -215,7 +215,7 @@ def _conv_record(graph: TFLiteGraph, k: int) -> LayerRecord:
 
     producer = graph.producer.get(inputs[0])
     if producer is not None and graph.ops[producer][0] == "SPACE_TO_BATCH_ND":
-        _fold_space_to_batch(graph, record, producer, outputs[0])
+        _fold_space_to_batch(graph, record, producer, outputs[0], padding)
     elif padding != "SAME" and record.kernel > 1:
         raise WeightsError(f"{graph.name}: op {k} ({name}) uses {padding} padding outside an atrous pattern")
     else:
@@ -223,7 +223,9 @@ def _conv_record(graph: TFLiteGraph, k: int) -> LayerRecord:
     return record
 
 
-def _fold_space_to_batch(graph: TFLiteGraph, record: LayerRecord, s2b: int, conv_out: int) -> None:
+def _fold_space_to_batch(
+    graph: TFLiteGraph, record: LayerRecord, s2b: int, conv_out: int, padding: str
+) -> None:
     """S2B -> conv -> B2S -> MUL(scale) -> ADD(shift, act): fold into a dilated conv."""
     block = graph.constant(graph.ops[s2b][1][1])
     if block is None or len(set(block[0].astype(int).tolist())) != 1:
@@ -238,7 +240,23 @@ def _fold_space_to_batch(graph: TFLiteGraph, record: LayerRecord, s2b: int, conv
             raise WeightsError(f"{graph.name}: atrous conv {record.name!r} is not followed by {expected}")
         chain.append(nxt[0])
         tensor = graph.ops[nxt[0]][2][0]
-    record.dilation = int(block[0].flat[0])
+    rate = int(block[0].flat[0])
+    pads = graph.constant(graph.ops[s2b][1][2])
+    crops = graph.constant(graph.ops[chain[0]][1][2])
+    # a dilated SAME conv: the padding before the data is the rate (the kernel's half-extent), the conv
+    # inside is VALID, and only the extra bottom/right padding is cropped again
+    half = rate * (record.kernel - 1) // 2
+    if (
+        pads is None
+        or crops is None
+        or pads[0].reshape(-1)[[0, 2]].tolist() != [half, half]
+        or crops[0].reshape(-1)[[0, 2]].tolist() != [0, 0]
+        or padding != "VALID"
+    ):
+        raise WeightsError(
+            f"{graph.name}: atrous conv {record.name!r} is not a SAME-padded dilated convolution"
+        )
+    record.dilation = rate
     record.input_tensor, record.output_tensor = graph.ops[s2b][1][0], tensor
     scale = graph.constant(graph.ops[chain[1]][1][1])
     shift = graph.constant(graph.ops[chain[2]][1][1])
