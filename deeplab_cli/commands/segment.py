@@ -36,13 +36,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _crf_params(spec: Any, overrides: dict[str, Any]) -> Any:
-    from deeplab_cli.crf import CRFParams
+def _crf_params(spec: Any, params_file: Path | None, overrides: dict[str, Any]) -> Any:
+    """The model's CRF defaults, then a parameter file (e.g. from `deeplab crf tune`), then the options."""
+    from deeplab_cli.tuning import resolve_crf_params
 
-    params = CRFParams.from_dict(spec.crf)
-    changes = {key: value for key, value in overrides.items() if value is not None}
     try:
-        return params.replace(**changes) if changes else params
+        return resolve_crf_params(spec, params_file, overrides)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -99,6 +98,13 @@ def _crf_params(spec: Any, overrides: dict[str, Any]) -> Any:
 @click.option(
     "--crf-backend", type=click.Choice(["auto", "torch", "pydensecrf"]), default="auto", show_default=True
 )
+@click.option(
+    "--crf-params",
+    "crf_params_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="CRF parameters from a JSON file (e.g. written by `deeplab crf tune`).",
+)
 @click.option("--crf-iterations", type=int, default=None, help="Mean-field iterations.")
 @click.option("--crf-bi-w", type=float, default=None, help="Appearance kernel weight.")
 @click.option("--crf-bi-xy-std", type=float, default=None, help="Appearance kernel spatial std (pixels).")
@@ -127,6 +133,7 @@ def segment(
     sessions: int,
     use_crf: bool,
     crf_backend: str,
+    crf_params_file: Path | None,
     crf_iterations: int | None,
     crf_bi_w: float | None,
     crf_bi_xy_std: float | None,
@@ -199,6 +206,7 @@ def segment(
     if use_crf:
         options.crf = _crf_params(
             segmenter.spec,
+            crf_params_file,
             {
                 "iterations": crf_iterations,
                 "bi_w": crf_bi_w,
