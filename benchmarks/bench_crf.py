@@ -19,9 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
+# libgomp's default (spinning) wait policy burns the CPU that scipy's threads and other processes need
+# on a busy 2-core machine; the CLI sets the same default. Export OMP_WAIT_POLICY=ACTIVE to compare.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -98,7 +102,7 @@ def main() -> None:
     print(f"image {sid} {image.shape[1]}x{image.shape[0]}, {probs.shape[0]} classes, {params}")
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
-        f"load {os.getloadavg()[0]:.1f}"
+        f"load {os.getloadavg()[0]:.1f}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     )
 
     runs: dict[str, list[float]] = {}

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# Busy-waiting OpenMP threads make torch (CRF, conversion) many times slower when cores are shared with
+# ONNX Runtime or other processes; passive waiting costs nothing measurable when they are not.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 __all__ = ["Segmenter", "CRFParams", "refine", "__version__"]

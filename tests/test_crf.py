@@ -31,6 +31,16 @@ needs_pydensecrf = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Single-threaded torch here: on a shared 2-core CI machine OpenMP's spin-waiting makes threaded
+    small ops many times slower. The thread-pool path is tested explicitly below."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _tflite_probs(interpreter, image: np.ndarray) -> np.ndarray:
     """C x H x W softmax probabilities of the TFLite model for an RGB uint8 image (<= 513 px)."""
     h, w, _ = image.shape
@@ -85,6 +95,9 @@ def test_other_parameters_match_too(samples) -> None:
     got = refine(image, probs, params, backend="torch")
     assert (got.argmax(0) == ref.argmax(0)).mean() >= 0.995
     assert np.abs(got - ref).max() < 1e-4
+    # The sparse-tensor engine (what CUDA runs) on the CPU.
+    got = refine_torch_batch([image], [probs], params, device="cpu", engine="torch")[0]
+    assert np.abs(got - ref).max() < 1e-4
     only_bilateral = params.replace(pos_w=0)
     ref = refine(image, probs, only_bilateral, backend="pydensecrf")
     got = refine(image, probs, only_bilateral, backend="torch")
@@ -120,6 +133,26 @@ def test_batch_equals_single_images(samples) -> None:
     for s, g, b in zip(singles, grouped, listed, strict=True):
         np.testing.assert_allclose(g, s, atol=2e-6)
         np.testing.assert_array_equal(b, s)
+
+
+def test_thread_pool_split_matches_single_thread(samples) -> None:
+    """The CPU engine splits pixels and vertex rows over threads; the result does not depend on it."""
+    from deeplab_cli.crf.torch_backend import CRFOperator, _mean_field, _operator_for, unary_from_probs
+
+    _, image, probs = samples[2]
+    image, probs = image[:200, :300].copy(), np.ascontiguousarray(probs[:, :200, :300])
+    single = _operator_for([torch.from_numpy(image)], LARGEFOV, torch.device("cpu"))
+    assert isinstance(single, CRFOperator) and single.engine == "scipy" and len(single.blocks) == 1
+    unary = unary_from_probs(torch.from_numpy(probs).reshape(probs.shape[0], -1).t().contiguous(), 1.0)
+    one = _mean_field(single, unary, 5)
+    torch.set_num_threads(3)
+    try:
+        three = _operator_for([torch.from_numpy(image)], LARGEFOV, torch.device("cpu"))
+        assert len(three.blocks) == 3
+        split = _mean_field(three, unary, 5)
+    finally:
+        torch.set_num_threads(1)
+    torch.testing.assert_close(split, one, rtol=0, atol=2e-6)
 
 
 def test_worker_pool_runs_the_crf(samples) -> None:
@@ -183,3 +216,27 @@ def test_params_validation_and_round_trip() -> None:
         CRFParams.from_dict({"bi_std": 3})
     with pytest.raises(ValueError, match="unknown CRF backend"):
         refine(np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 2), 0.5, np.float32), backend="densecrf")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cuda_without_cuda_is_a_device_error() -> None:
+    from deeplab_cli.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        refine(np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 2), 0.5, np.float32), device="cuda")
+
+
+def test_missing_pydensecrf_says_how_to_install(monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0 and name.split(".")[0] == "pydensecrf":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    assert available_backends() == ["torch"]
+    with pytest.raises(ImportError, match=r"deeplab-cli\[crf\]"):
+        refine(np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 2), 0.5, np.float32), backend="pydensecrf")

@@ -24,6 +24,15 @@ from deeplab_cli.crf.torch_backend import (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Single-threaded torch: OpenMP spin-waiting makes small threaded ops slow on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def voc_image() -> np.ndarray:
     path = VOC2012 / "JPEGImages" / f"{voc_sample_ids(1)[0]}.jpg"

@@ -1,4 +1,4 @@
-"""Mean-field inference of the dense CRF in PyTorch (CPU or CUDA, same code).
+"""Mean-field inference of the dense CRF on our permutohedral lattice (CPU or CUDA).
 
 The update is the one of pydensecrf's ``DenseCRF::inference`` with two Potts terms and
 ``NORMALIZE_SYMMETRIC`` kernels::
@@ -7,15 +7,28 @@ The update is the one of pydensecrf's ``DenseCRF::inference`` with two Potts ter
     Q_{t+1} = softmax(-U + sum_k w_k * n_k * K_k(n_k * Q_t)),   n_k = 1 / sqrt(K_k 1)
 
 where ``K_k`` is the permutohedral approximation of the Gaussian kernel k (its diagonal, the self term,
-is included, exactly as in pydensecrf) and ``U = -unary_scale * log(p)``.
+is included, exactly as in pydensecrf, which does not subtract it) and ``U = -unary_scale * log(p)``.
+Results match pydensecrf to float32 rounding (max |dQ| ~1e-6 after 10 iterations).
 
-Both kernels share one splat and one slice matrix: the norms and weights are folded into the sparse
-values once, so that each iteration costs two sparse-dense products, a few gathers for the blur and
-one softmax. Pixels are kept channels-last (N x C) so that every product reads contiguous rows.
+How it is fast:
+
+* The lattices are built once per image with vectorised torch ops (:mod:`.lattice`); the smoothness
+  kernel's lattice depends only on the image size and is cached.
+* Both kernels share one splat and one slice: their vertices are stacked, and norms, ``alpha`` and the
+  Potts weights are folded into the sparse values once. An iteration is then: splat (N -> V), six
+  blur steps on the small vertex array, slice (V -> N) added to the unary, exp and normalise.
+* The softmax needs no row maximum: kernel entries are >= 0 and Q <= 1, so a per-pixel bound on the
+  message (computed once) keeps ``exp`` in range.
+* Engines for the sparse products: ``"torch"`` (CSR tensors; cuSPARSE on CUDA, MKL on CPU) and, on CPU
+  by default, ``"scipy"``: scipy's compiled CSC/CSR kernels scatter pixel by pixel like densecrf (about
+  twice as cache-friendly as MKL's CSR gather here), release the GIL, and run on a small thread pool
+  (pixels and vertex rows split over ``torch.get_num_threads()`` threads). Vertices are numbered in
+  order of first use by the pixels, which makes both products about a third faster again.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -102,14 +115,10 @@ class CRFOperator:
     """The pairwise message ``sum_k w_k n_k K_k(n_k Q)`` of fixed lattices, as sparse operators.
 
     All kernels' vertices are stacked into one value array (plus a zero row at the end for missing
-    blur neighbours). ``splat`` maps N points to the V stacked vertices, ``blur`` holds per step the
-    vertex range and its neighbour indices, ``slice`` maps back to the points with the norms, ``alpha``
-    and the Potts weights folded in.
-
-    Two implementations of the two sparse products, same maths: ``"torch"`` (CSR tensors: MKL on CPU,
-    cuSPARSE on CUDA) and ``"scipy"`` (CPU only: scipy's CSC splat scatters pixel by pixel like
-    densecrf, about twice as cache-friendly as a CSR gather, and releases the GIL, so the pixels are
-    split over ``threads`` threads).
+    blur neighbours in the torch engine). ``blur`` holds per step the vertex range and its neighbour
+    indices. Engine ``"torch"``: ``splat`` (V x N) and ``slice`` (N x V) CSR tensors. Engine
+    ``"scipy"`` (CPU): per thread a CSC splat and a CSR slice over its block of pixels; the loop runs
+    in :meth:`mean_field_numpy`.
     """
 
     def __init__(self, lattices: list[Lattice], weights: list[float], engine: str = "auto", threads: int = 0):
@@ -117,6 +126,7 @@ class CRFOperator:
         if engine == "auto":
             engine = "scipy" if device.type == "cpu" and _has_scipy() else "torch"
         self.engine = engine
+        self.pool = None
         norms = [_symmetric_norm(lat) for lat in lattices]
         # Kernel entries are >= 0 and Q <= 1, so the message at point i is at most
         # sum_k w_k n_k (K_k n_k)_i: a per-point shift that makes exp() safe without a row max.
@@ -279,29 +289,37 @@ class CRFOperator:
         return q
 
     def _blur_csr_chunks(self) -> list[tuple[int, int, list]]:
-        """Per blur step: its vertex range and (first row, end row, CSR of ``v + 0.5 (prev + next)``)
-        for each thread's share of the rows; absent neighbours are dropped."""
+        """The blur as CSR matrices over all vertices, two consecutive axes multiplied into one matrix
+        (half the passes over the vertex array), split into row chunks, one per thread.
+
+        Returns per merged step ``(0, V, [(first row, end row, CSR rows), ...])``. Absent neighbours
+        are dropped; vertices of a lattice without the axis keep their value (identity rows).
+        """
         import scipy.sparse as sp
 
         if getattr(self, "_blur_csr", None) is not None:
             return self._blur_csr
-        steps = []
+        nv = self.n_vertices
+        full = []
         for lo, hi, prev, nxt in self.blur:
-            m = hi - lo
-            cols = np.stack([prev.numpy(), np.arange(lo, hi), nxt.numpy()], axis=1)
-            vals = np.broadcast_to(np.array([0.5, 1.0, 0.5], np.float32), (m, 3))
-            present = cols < self.n_vertices
-            bounds = np.linspace(0, m, len(self.blocks) + 1).astype(np.int64).tolist()
-            jobs = []
-            for i, j in zip(bounds[:-1], bounds[1:], strict=True):
-                ptr = np.zeros(j - i + 1, np.int32)
-                np.cumsum(present[i:j].sum(1), out=ptr[1:])
-                mat = sp.csr_matrix(
-                    (vals[i:j][present[i:j]], cols[i:j][present[i:j]].astype(np.int32), ptr),
-                    shape=(j - i, self.n_vertices),
-                )
-                jobs.append((lo + i, lo + j, mat))
-            steps.append((lo, hi, jobs))
+            cols = np.stack([np.arange(nv)] * 3, axis=1)
+            cols[lo:hi, 0], cols[lo:hi, 2] = prev.numpy(), nxt.numpy()
+            vals = np.zeros((nv, 3), np.float32)
+            vals[:, 1] = 1.0
+            vals[lo:hi, 0] = vals[lo:hi, 2] = 0.5
+            keep = (cols < nv) & (vals != 0)
+            ptr = np.zeros(nv + 1, np.int64)
+            np.cumsum(keep.sum(1), out=ptr[1:])
+            full.append(sp.csr_matrix((vals[keep], cols[keep], ptr), shape=(nv, nv)))
+        merged = [full[i + 1] @ full[i] if i + 1 < len(full) else full[i] for i in range(0, len(full), 2)]
+        bounds = np.linspace(0, nv, len(self.blocks) + 1).astype(np.int64).tolist()
+        steps = []
+        for mat in merged:
+            mat = sp.csr_matrix(mat, dtype=np.float32)
+            mat.indices = mat.indices.astype(np.int32)
+            mat.indptr = mat.indptr.astype(np.int32)
+            jobs = [(i, j, mat[i:j]) for i, j in zip(bounds[:-1], bounds[1:], strict=True)]
+            steps.append((0, nv, jobs))
         self._blur_csr = steps
         return steps
 
@@ -340,14 +358,15 @@ except ImportError:  # pragma: no cover
     _SPARSETOOLS = None
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _thread_pool(threads: int) -> ThreadPoolExecutor:
     """A process-wide pool per thread count (scipy's sparse products release the GIL)."""
-    pool = _POOLS.get(threads)
+    key = (threads, os.getpid())  # a pool inherited through fork has no threads: make a new one
+    pool = _POOLS.get(key)
     if pool is None:
-        pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="crf")
+        pool = _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="crf")
     return pool
 
 
@@ -367,7 +386,7 @@ def unary_from_probs(probs: torch.Tensor, unary_scale: float) -> torch.Tensor:
 def _mean_field(op: CRFOperator | None, unary: torch.Tensor, iterations: int) -> torch.Tensor:
     """Run the mean-field loop on channels-last unaries (N x C)."""
     neg = -unary
-    q = torch.softmax(neg, dim=1)
+    q = torch.log_softmax(neg, dim=1).exp_()  # (faster than softmax on CPU for C = 21)
     if op is None or iterations == 0:
         return q
     bound = op.bound
@@ -429,6 +448,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` that copies read-only arrays (torch warns about those)."""
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def refine_torch_batch(
     images: list[np.ndarray],
     probs_list: list[np.ndarray],
@@ -442,11 +466,11 @@ def refine_torch_batch(
         return []
     if len({p.shape[0] for p in probs_list}) > 1:
         raise ValueError("images refined in one batch must have the same number of classes")
-    timgs = [torch.from_numpy(im).to(dev) for im in images]
+    timgs = [_tensor(im).to(dev) for im in images]
     unaries = []
     for p in probs_list:
         c = p.shape[0]
-        tp = torch.from_numpy(p).to(dev).reshape(c, -1).t().contiguous()  # channels-last (N x C)
+        tp = _tensor(p).to(dev).reshape(c, -1).t().contiguous()  # channels-last (N x C)
         unaries.append(unary_from_probs(tp, params.unary_scale))
     with torch.no_grad():
         op = _operator_for(timgs, params, dev, engine) if params.iterations > 0 else None

@@ -41,6 +41,8 @@ def _init_worker(params: dict, backend: str, device: str, threads: int) -> None:
     """Per-process setup: thread limits first, then the parameters."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
+    # Spinning OpenMP threads steal the CPU from inference on a shared machine (torch loads here first).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     torch.set_num_threads(threads)
