@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any test module imports torch (see deeplab_cli)
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("DEEPLAB_SHARED", REPO.parent / "shared")).resolve()
 WEIGHTS_MIRROR = SHARED / "weights"
