@@ -20,6 +20,7 @@ from torch import nn
 
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.geometry import logits_size
+from deeplab_cli.nets.quant import has_hybrid, without_hybrid
 from deeplab_cli.zoo import ModelSpec
 
 METADATA_KEY = "deeplab.spec"
@@ -29,6 +30,13 @@ FP32_TOLERANCE = 1e-3
 # fp16 weights: logits may move by this fraction of their range; labels must agree on this share.
 FP16_RELATIVE_TOLERANCE = 0.05
 FP16_MIN_AGREEMENT = 0.98  # on the synthetic check image; 151-class ADE20K scores 0.99
+# Emulated int8 dynamic-range convs (nets.quant) round every activation to int8 per pixel: float noise of
+# 1e-7 between runtimes flips a few roundings, which then spread. Like the reference runtime itself, such
+# a graph is only reproducible statistically. ONNX Runtime vs PyTorch on the (near-tie-rich, synthetic)
+# check image, measured: max abs 1.1% / 1.5% / 1.9% of the logit range, labels 0.998 / 0.994 / 0.992 for
+# VOC / ADE20K / Cityscapes.
+HYBRID_RELATIVE_TOLERANCE = 0.05
+HYBRID_MIN_AGREEMENT = 0.98
 CHECK_SIZE = 129  # export traces and verifies at about this size (the graph is size-independent)
 
 
@@ -169,14 +177,21 @@ def _verify(data: bytes, model: nn.Module, spec: ModelSpec, fp16: bool) -> float
             f"input do not match the registry's output stride {spec.output_stride}"
         )
     diff = float(np.abs(got - expected).max())
-    if not fp16 and diff > FP32_TOLERANCE:
+    hybrid = not fp16 and has_hybrid(model)
+    if not fp16 and not hybrid and diff > FP32_TOLERANCE:
         raise DeeplabError(f"ONNX export of {spec.name} differs from PyTorch: max abs diff {diff:.3g}")
-    if fp16:
+    if fp16 or hybrid:
         agreement = float((got.argmax(1) == expected.argmax(1)).mean())
-        bound = FP16_RELATIVE_TOLERANCE * float(np.abs(expected).max())
-        if diff > bound or agreement < FP16_MIN_AGREEMENT:
+        relative, least = (
+            (FP16_RELATIVE_TOLERANCE, FP16_MIN_AGREEMENT)
+            if fp16
+            else (HYBRID_RELATIVE_TOLERANCE, HYBRID_MIN_AGREEMENT)
+        )
+        bound = relative * float(np.abs(expected).max())
+        if diff > bound or agreement < least:
+            kind = "fp16 ONNX" if fp16 else "ONNX (int8 emulation)"
             raise DeeplabError(
-                f"fp16 ONNX export of {spec.name} differs from PyTorch: max abs diff {diff:.3g} "
+                f"{kind} export of {spec.name} differs from PyTorch: max abs diff {diff:.3g} "
                 f"(bound {bound:.3g}), label agreement {agreement:.4f}"
             )
     return diff
@@ -185,12 +200,16 @@ def _verify(data: bytes, model: nn.Module, spec: ModelSpec, fp16: bool) -> float
 def export_onnx(net: nn.Module, spec: ModelSpec, path: Path, *, fp16: bool = False) -> Path:
     """Export ``net`` (un-normalised logits network) for ``spec`` to one self-contained ONNX file.
 
-    With ``fp16`` the weights and compute are float16 while ``image`` and ``logits`` stay float32.
-    The file is checked against PyTorch on a test image and written atomically.
+    With ``fp16`` the weights and compute are float16 while ``image`` and ``logits`` stay float32;
+    emulated int8 dynamic-range convolutions then run as plain convs (per-pixel int8 rounding carried
+    out in float16 would not reproduce the reference anyway). The file is checked against PyTorch on a
+    test image and written atomically.
     """
     import onnx
 
     path = Path(path)
+    if fp16 and has_hybrid(net):
+        net = without_hybrid(net)
     model = wrap_for_export(net, spec)
     buffer = io.BytesIO()
     _export_legacy(model, check_input(spec, net), buffer)

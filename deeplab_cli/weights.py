@@ -28,7 +28,7 @@ from deeplab_cli.errors import UsageError, WeightsError
 from deeplab_cli.zoo import ModelSpec, Source, find_by_sha256, get_model, registry_models
 
 # Bump when conversion changes in a way that makes cached ONNX files stale.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 3
 FORMAT_BY_SUFFIX = {".tflite": "tflite", ".caffemodel": "caffe"}
 # Architectures without a registry row of their own borrow the input convention of a sibling's row.
 TEMPLATE_FOR_ARCH = {"deeplab-v2-vgg16": "deeplab-v1-largefov"}

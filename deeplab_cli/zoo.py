@@ -47,6 +47,9 @@ class Source:
     size: int | None = None
     weights: str | None = None
     archive_member: str | None = None
+    # TFLite dynamic-range files: emulate the runtime's per-pixel int8 activation rounding in the
+    # converted graph (closer to the original file, about 1.8x slower); see README "Fidelity".
+    int8_emulation: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,13 @@ logits with align-corners geometry, exactly as the graph's RESIZE_BILINEAR does,
 
 Bounds: float32/float16 files must match to 1e-3 max abs and 99.9% of labels. Dynamic-range int8
 files run their 1x1 convolutions as int8 x int8 in the reference runtime (XNNPACK quantizes the
-activations per pixel on the fly), which we do not imitate: our network computes in float32 with the
-dequantized weights. Their logits therefore differ by that activation-quantization noise; the bounds
-below were set from measurements on these images (see /work/notes/models-report.md).
+activations per pixel on the fly). Converted as float convs with the dequantized weights (the default:
+1.8x faster), their logits differ by up to 2 (VOC) and labels agree on 99.92% (VOC) / 99.94%
+(Cityscapes). The reference runtime is no closer to itself: fed inputs moved by one float32 ulp,
+ai-edge-litert keeps 99.910% (VOC) / 99.946% (Cityscapes) / 99.325% (ADE20K) of its own labels, because
+the int8 roundings make the network chaotic. ADE20K (151 near-tied classes) sits below that floor as
+float (98.80%), so its registry row turns on the per-pixel int8 emulation (nets/quant.py, exact layer by
+layer): 99.35%, at the floor. The bounds sit just above the measurements on these images.
 """
 
 from __future__ import annotations
@@ -42,15 +46,16 @@ class Bound:
     agreement: float  # share of image pixels with the same label, over all images
 
 
-# float files: strict. int8 dynamic-range files: activation-quantization noise (measured, with margin).
+# float files: strict. int8 dynamic-range files: the runtime's own int8 rounding noise (measured; in
+# brackets the numbers with the other choice of int8 emulation).
 BOUNDS = {
     "deeplabv3-mnv2-dm05-voc": Bound(1e-3, 0.999),
     "deeplabv3-mnv2-dm05-voc-trainval": Bound(1e-3, 0.999),
-    "deeplabv3-mnv2-voc": Bound(3.0, 0.998),  # measured 1.96, 0.99918
-    "deeplabv3plus-mnv2-ade20k": Bound(
-        7.0, 0.98
-    ),  # measured 5.16, 0.98803 on 24 images (151 classes, near-ties)
-    "deeplabv3plus-mnv3-cityscapes": Bound(1.5, 0.995),  # measured 0.57, 0.99937
+    "deeplabv3-mnv2-voc": Bound(3.0, 0.999),  # float: measured 1.96, 0.99918 (emulated 0.457, 0.99937)
+    # emulated; 151 classes with many near-ties: measured 0.949, 0.99350 (float 5.16, 0.98803); the
+    # reference runtime agrees with itself on 0.99325 of the labels under one-ulp input noise
+    "deeplabv3plus-mnv2-ade20k": Bound(1.5, 0.99),
+    "deeplabv3plus-mnv3-cityscapes": Bound(1.5, 0.999),  # float: measured 0.57, 0.99937 (0.370, 0.99946)
 }
 UINT8_MODEL = "deeplabv3-mnv2-voc-uint8"
 UINT8_AGREEMENT = 0.985  # measured 0.99358; float rebuild vs the integer graph's own ArgMax labels

@@ -7,7 +7,9 @@ with every attribute and shape checked, to the network's ``conv_layers()``.
 
 Weight encodings handled: float32, float16 and int8/uint8/int32 with (per-channel) scale and zero
 point, either stored directly on the conv input (dynamic-range "hybrid" ops, full-integer models) or
-behind a DEQUANTIZE op. Patterns folded into plain convolutions:
+behind a DEQUANTIZE op. Hybrid CONV_2D ops are marked (``LayerRecord.hybrid``) and loaded as
+:class:`~deeplab_cli.nets.quant.HybridQuantConv2d`, which quantizes its input per pixel exactly as the
+reference runtime (XNNPACK) does. Patterns folded into plain convolutions:
 
 - SPACE_TO_BATCH_ND -> conv -> BATCH_TO_SPACE_ND -> MUL -> ADD: an atrous conv (dilation = block
   shape, padding = dilation, as TF's SAME padding puts it) followed by the unfolded batch norm; the
@@ -28,6 +30,7 @@ from torch import nn
 from deeplab_cli.errors import WeightsError
 from deeplab_cli.nets import build
 from deeplab_cli.nets.mobilenet import HARD_SIGMOID_SCALE, ConvAct
+from deeplab_cli.nets.quant import HybridQuantConv2d
 from deeplab_cli.zoo import ModelSpec
 
 _FUSED_ACT = {0: "none", 1: "relu", 3: "relu6"}
@@ -51,6 +54,8 @@ class LayerRecord:
     tensors: list[int] = field(default_factory=list)  # constant tensors this layer consumed
     input_tensor: int = -1  # graph tensors holding the layer's input and its activated output
     output_tensor: int = -1
+    hybrid: bool = False  # dynamic-range op: int8 weights on a float-input CONV_2D (int8 x int8 at run time)
+    nonnegative_input: bool = False  # the input follows a ReLU (set for hybrid layers only)
 
 
 class TFLiteGraph:
@@ -212,6 +217,7 @@ def _conv_record(graph: TFLiteGraph, k: int) -> LayerRecord:
         k, name, depthwise, weight.shape[2], opts.StrideH(), dilation, act, weight, bias, used
     )
     record.input_tensor, record.output_tensor = inputs[0], outputs[0]
+    record.hybrid = _is_hybrid(graph, kind, inputs)
 
     producer = graph.producer.get(inputs[0])
     if producer is not None and graph.ops[producer][0] == "SPACE_TO_BATCH_ND":
@@ -221,6 +227,21 @@ def _conv_record(graph: TFLiteGraph, k: int) -> LayerRecord:
     else:
         _trailing_activation(graph, record, outputs[0])
     return record
+
+
+def _is_hybrid(graph: TFLiteGraph, kind: str, inputs: list[int]) -> bool:
+    """A dynamic-range conv: float32 input, int8 weights stored on the op itself (no DEQUANTIZE).
+
+    XNNPACK runs these as int8 x int8 with the input quantized per pixel (see :mod:`deeplab_cli.nets.quant`);
+    only CONV_2D is emulated (the released files have no hybrid depthwise convs).
+    """
+    tensors = graph.graph.Tensors
+    return (
+        kind == "CONV_2D"
+        and tensors(inputs[0]).Type() == 0
+        and tensors(inputs[1]).Type() == 9
+        and graph.producer.get(inputs[1]) is None
+    )
 
 
 def _fold_space_to_batch(
@@ -314,7 +335,39 @@ def read_layers(path: Path) -> tuple[TFLiteGraph, list[LayerRecord]]:
         ) from exc
     if not layers:
         raise WeightsError(f"{Path(path).name}: no convolutions found in the TFLite graph")
+    _mark_nonnegative_inputs(graph, layers)
     return graph, layers
+
+
+_NONNEGATIVE_ACTS = ("relu", "relu6", "hsigmoid")
+# ops whose output is >= 0 when all their (activation) inputs are
+_PASS_THROUGH = ("CONCATENATION", "AVERAGE_POOL_2D", "MEAN", "RESIZE_BILINEAR", "MAX_POOL_2D", "RESHAPE")
+
+
+def _mark_nonnegative_inputs(graph: TFLiteGraph, records: list[LayerRecord]) -> None:
+    """Set ``nonnegative_input`` on hybrid layers whose input is (a concat/pool/resize of) ReLU outputs."""
+    produced = {r.output_tensor: r.act for r in records}
+    memo: dict[int, bool] = {}
+
+    def nonnegative(tensor: int) -> bool:
+        if tensor not in memo:
+            memo[tensor] = False  # cycles cannot occur, but stay safe
+            if tensor in produced:
+                memo[tensor] = produced[tensor] in _NONNEGATIVE_ACTS
+            elif tensor in graph.producer:
+                kind, inputs, _, op = graph.ops[graph.producer[tensor]]
+                fused = graph.options(op, "ConcatenationOptions") if kind == "CONCATENATION" else None
+                activations = [t for t in inputs if t >= 0 and graph.constant(t) is None]
+                memo[tensor] = (
+                    kind in _PASS_THROUGH
+                    and (fused is None or fused.FusedActivationFunction() in (0, 1, 3))
+                    and bool(activations)
+                    and all(nonnegative(t) for t in activations)
+                ) or kind in ("RELU", "RELU6")
+        return memo[tensor]
+
+    for record in records:
+        record.nonnegative_input = record.hybrid and nonnegative(record.input_tensor)
 
 
 def _check(path: Path, spec: ModelSpec, index: int, record: LayerRecord, layer: ConvAct) -> None:
@@ -344,8 +397,15 @@ def _check(path: Path, spec: ModelSpec, index: int, record: LayerRecord, layer: 
             )
 
 
-def load_tflite(path: Path, spec: ModelSpec) -> nn.Module:
-    """Build ``spec``'s network and fill it from the TFLite file at ``path`` (checked mapping)."""
+def load_tflite(path: Path, spec: ModelSpec, *, emulate_hybrid: bool | None = None) -> nn.Module:
+    """Build ``spec``'s network and fill it from the TFLite file at ``path`` (checked mapping).
+
+    Dynamic-range int8 convolutions become :class:`HybridQuantConv2d` (their input quantized per pixel
+    as the reference runtime does) when ``emulate_hybrid`` is true; by default the registry row decides
+    (``source.int8_emulation``), otherwise they run as plain float convs with the dequantized weights.
+    """
+    if emulate_hybrid is None:
+        emulate_hybrid = bool(spec.source and spec.source.int8_emulation)
     path = Path(path)
     graph, records = read_layers(path)
     net = build(spec)
@@ -363,6 +423,8 @@ def load_tflite(path: Path, spec: ModelSpec) -> nn.Module:
         for record, layer in zip(records, layers, strict=True):
             layer.conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(record.weight)))
             layer.conv.bias.copy_(torch.from_numpy(np.ascontiguousarray(record.bias, dtype=np.float32)))
+            if record.hybrid and emulate_hybrid:
+                layer.conv = HybridQuantConv2d.from_conv(layer.conv, record.nonnegative_input)
     _check_all_used(graph, records)
     return net.eval()
 
