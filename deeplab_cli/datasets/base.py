@@ -91,6 +91,8 @@ class Dataset:
     def load_label(self, sample: Sample) -> np.ndarray:
         raw = read_index_png(sample.label_path)
         label = self.decode(raw) if self.decode else raw
+        if label.dtype != np.uint8 and label.size and (label.min() < 0 or label.max() > 255):
+            raise DeeplabError(f"{sample.label_path}: label values outside 0..255")
         return np.ascontiguousarray(label, dtype=np.uint8)
 
     def __iter__(self) -> Iterator[Item]:
