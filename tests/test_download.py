@@ -3,54 +3,23 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
-import threading
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import pytest
+from loopback_http import serve_folder
 
 from deeplab_cli.download import DownloadError, download, sha256_of
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 
 
-class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves files from a folder, honouring single ``Range: bytes=N-`` requests; counts requests."""
-
-    ranges: list[str] = []
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        header = self.headers.get("Range")
-        RangeHandler.ranges.append(header or "")
-        path = Path(self.translate_path(self.path))
-        if not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        start = int(header.split("=")[1].rstrip("-")) if header else 0
-        self.send_response(206 if header else 200)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        self.wfile.write(data[start:])
-
-
 @pytest.fixture()
-def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def server(tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
     root = tmp_path / "served"
     root.mkdir()
-    handler = partial(RangeHandler, directory=str(root))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    RangeHandler.ranges = []
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_folder(root) as (url, ranges):
+        yield url, root, ranges
 
 
 def test_file_url_with_checksum(tmp_path: Path) -> None:
@@ -63,18 +32,18 @@ def test_file_url_with_checksum(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "model.bin.part").exists()
 
 
-def test_http_download_resumes_from_partial_file(server: tuple[str, Path], tmp_path: Path) -> None:
-    url, root = server
+def test_http_download_resumes_from_partial_file(server: tuple[str, Path, list[str]], tmp_path: Path) -> None:
+    url, root, ranges = server
     (root / "model.bin").write_bytes(PAYLOAD)
     dest = tmp_path / "model.bin"
     dest.with_name("model.bin.part").write_bytes(PAYLOAD[:1000])
     download(f"{url}/model.bin", dest, sha256=hashlib.sha256(PAYLOAD).hexdigest(), progress=False)
     assert dest.read_bytes() == PAYLOAD
-    assert RangeHandler.ranges == ["bytes=1000-"]
+    assert ranges == ["bytes=1000-"]
 
 
-def test_checksum_mismatch_deletes_partial_file(server: tuple[str, Path], tmp_path: Path) -> None:
-    url, root = server
+def test_checksum_mismatch_deletes_partial_file(server: tuple[str, Path, list[str]], tmp_path: Path) -> None:
+    url, root, _ = server
     (root / "model.bin").write_bytes(PAYLOAD)
     dest = tmp_path / "model.bin"
     with pytest.raises(DownloadError, match="checksum mismatch.*partial file was deleted"):
@@ -83,8 +52,8 @@ def test_checksum_mismatch_deletes_partial_file(server: tuple[str, Path], tmp_pa
     assert not dest.with_name("model.bin.part").exists()
 
 
-def test_failed_download_names_the_url(server: tuple[str, Path], tmp_path: Path) -> None:
-    url, _ = server
+def test_failed_download_names_the_url(server: tuple[str, Path, list[str]], tmp_path: Path) -> None:
+    url, _, _ = server
     with pytest.raises(DownloadError, match=f"{url}/missing.bin"):
         download(f"{url}/missing.bin", tmp_path / "x.bin", progress=False)
     assert not (tmp_path / "x.bin").exists()

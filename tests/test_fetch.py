@@ -3,46 +3,21 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import os
 import subprocess
 import sys
 import tarfile
-import threading
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import pytest
 from conftest import REPO, VOC2012, voc_sample_ids
+from loopback_http import serve_folder
 
 from deeplab_cli.datasets import open_dataset
 from deeplab_cli.datasets.fetch import MARKER, VOC_ARCHIVE, UnsafeArchiveError, fetch_voc, safe_extract
 from deeplab_cli.download import DownloadError
-
-
-class CountingHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder, honours ``Range: bytes=N-`` and records each request's Range header."""
-
-    requests: list[str] = []
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        header = self.headers.get("Range") or ""
-        CountingHandler.requests.append(header)
-        path = Path(self.translate_path(self.path))
-        if not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        start = int(header.split("=")[1].rstrip("-")) if header else 0
-        self.send_response(206 if header else 200)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        self.wfile.write(data[start:])
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +39,14 @@ def voc_tar(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return archive, hashlib.sha256(archive.read_bytes()).hexdigest()
 
 
+REQUESTS: list[list[str]] = []  # the Range headers the current server has seen
+
+
 @pytest.fixture()
 def server(voc_tar: tuple[Path, str]) -> Iterator[str]:
-    handler = partial(CountingHandler, directory=str(voc_tar[0].parent))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    CountingHandler.requests = []
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/{VOC_ARCHIVE}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_folder(voc_tar[0].parent) as (url, ranges):
+        REQUESTS[:] = [ranges]
+        yield f"{url}/{VOC_ARCHIVE}"
 
 
 def test_fetch_over_http_then_idempotent(tmp_path: Path, server: str, voc_tar: tuple[Path, str]):
@@ -86,9 +59,9 @@ def test_fetch_over_http_then_idempotent(tmp_path: Path, server: str, voc_tar: t
     assert [s.id for s in dataset.samples] == voc_sample_ids(3)
     first = next(iter(dataset)).label
     assert first.shape == (281, 500)
-    assert CountingHandler.requests == [""]
+    assert REQUESTS[0] == [""]
     fetch_voc(root, server, sha256=voc_tar[1], progress=False)
-    assert CountingHandler.requests == [""]  # second run: nothing downloaded
+    assert REQUESTS[0] == [""]  # second run: nothing downloaded
 
 
 def test_fetch_resumes_a_partial_download(tmp_path: Path, server: str, voc_tar: tuple[Path, str]):
@@ -97,7 +70,7 @@ def test_fetch_resumes_a_partial_download(tmp_path: Path, server: str, voc_tar: 
     data = voc_tar[0].read_bytes()
     (root / f"{VOC_ARCHIVE}.part").write_bytes(data[: len(data) // 2])
     fetch_voc(root, server, sha256=voc_tar[1], progress=False)
-    assert CountingHandler.requests == [f"bytes={len(data) // 2}-"]
+    assert REQUESTS[0] == [f"bytes={len(data) // 2}-"]
     assert len(open_dataset("voc", root, "val")) == 3
 
 
