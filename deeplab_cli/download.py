@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -128,15 +127,3 @@ def _verify(part: Path, url: str, *, sha256: str | None, md5: str | None) -> Non
             f"checksum mismatch for {url}: expected {kind} {expected}, got {actual}; "
             "the partial file was deleted"
         )
-
-
-def copy_atomic(source: Path, dest: Path) -> Path:
-    """Copy a file to ``dest`` through a temporary file in the same folder."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    temp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
-        shutil.copyfile(source, temp)
-        os.replace(temp, dest)
-    finally:
-        temp.unlink(missing_ok=True)
-    return dest

@@ -9,8 +9,6 @@ export is checked against PyTorch before it is moved into place (temp file + ``o
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from torch import nn
 
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.geometry import logits_size
+from deeplab_cli.io import write_bytes
 from deeplab_cli.nets.quant import has_hybrid, without_hybrid
 from deeplab_cli.zoo import ModelSpec
 
@@ -221,16 +220,7 @@ def export_onnx(net: nn.Module, spec: ModelSpec, path: Path, *, fp16: bool = Fal
     proto.producer_name = "deeplab-cli"
     data = proto.SerializeToString()
     _verify(data, model, spec, fp16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes(path, data)
 
 
 def read_spec(path: Path) -> ModelSpec:

@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import threading
 import warnings
@@ -252,6 +253,14 @@ def _umask() -> int:
 
 def write_bytes(path: str | os.PathLike[str], data: bytes, fsync: bool = False) -> Path:
     return atomic_write(path, lambda handle: handle.write(data), fsync=fsync)
+
+
+def copy_file(source: str | os.PathLike[str] | IO[bytes], path: str | os.PathLike[str]) -> Path:
+    """Copy a file (or a readable binary stream) to ``path`` atomically."""
+    if hasattr(source, "read"):
+        return atomic_write(path, lambda handle: shutil.copyfileobj(source, handle))
+    with open(source, "rb") as stream:
+        return atomic_write(path, lambda handle: shutil.copyfileobj(stream, handle))
 
 
 def write_label_png(

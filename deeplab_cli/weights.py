@@ -23,8 +23,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from deeplab_cli.download import DownloadError, copy_atomic, download, sha256_of
+from deeplab_cli.download import DownloadError, download, sha256_of
 from deeplab_cli.errors import UsageError, WeightsError
+from deeplab_cli.io import copy_file, write_json
 from deeplab_cli.zoo import ModelSpec, Source, find_by_sha256, get_model, registry_models
 
 # Bump when conversion changes in a way that makes cached ONNX files stale.
@@ -92,7 +93,7 @@ def source_path(
         return cached
     found = _find_in_mirrors(source, mirror_dirs(mirrors))
     if found is not None:
-        return copy_atomic(found, cached)
+        return copy_file(found, cached)
     if not allow_download or offline():
         raise WeightsError(
             f"{source.file} for model {spec.name!r} is not in the cache or a mirror and downloads are off; "
@@ -167,7 +168,7 @@ def _convert(spec: ModelSpec, source: Path) -> Path:
         "converter": CONVERTER_VERSION,
         "spec": json.loads(spec.to_json()),
     }
-    _write_json_atomic(_record_path(spec), record)
+    write_json(_record_path(spec), record)
     return target
 
 
@@ -182,7 +183,8 @@ def _weight_file(spec: ModelSpec, source: Path) -> Path:
             names = [m for m in archive.namelist() if Path(m).name == Path(member).name]
             if not names:
                 raise WeightsError(f"{source.name} does not contain {member} (model {spec.name!r})")
-            _extract_member(archive, names[0], target)
+            with archive.open(names[0]) as member_stream:
+                copy_file(member_stream, target)
     return target
 
 
@@ -217,13 +219,6 @@ def _lock(name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(temp, path)
-
-
 # ------------------------------------------------------------------------------------------- user actions
 
 
@@ -256,11 +251,11 @@ def import_file(path: Path, request: ImportRequest | None = None) -> list[ModelS
     if zipfile.is_zipfile(path) and request.arch is None:
         return _import_archive(path)
     spec = _identify(path, request)
-    cached = copy_atomic(path, home() / "sources" / _cached_name(spec, path))
+    cached = copy_file(path, home() / "sources" / _cached_name(spec, path))
     with _lock(spec.name):
         _convert(spec, cached)
     if spec.user:  # recorded only once its conversion succeeded
-        _write_json_atomic(home() / "models" / f"{spec.name}.json", json.loads(spec.to_json()))
+        write_json(home() / "models" / f"{spec.name}.json", json.loads(spec.to_json()))
     return [spec]
 
 
@@ -365,7 +360,7 @@ def _import_archive(path: Path) -> list[ModelSpec]:
         raise WeightsError(f"archive {path.name} holds no weight file that a registry model expects")
     imported, errors = [], []
     for spec in specs:  # releases of different networks may use the same member name
-        cached = copy_atomic(path, home() / "sources" / spec.source.file)
+        cached = copy_file(path, home() / "sources" / spec.source.file)
         try:
             with _lock(spec.name):
                 _convert(spec, cached)
@@ -375,18 +370,6 @@ def _import_archive(path: Path) -> list[ModelSpec]:
     if not imported:
         raise WeightsError(f"archive {path.name} fits no registry model: {'; '.join(errors)}")
     return imported
-
-
-def _extract_member(archive: zipfile.ZipFile, member: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with archive.open(member) as src, open(temp, "wb") as out:
-            while block := src.read(1 << 20):
-                out.write(block)
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def export_model(spec: ModelSpec | str, dest: Path, *, fp16: bool = False, progress: bool = True) -> Path:
@@ -399,7 +382,7 @@ def export_model(spec: ModelSpec | str, dest: Path, *, fp16: bool = False, progr
     if not dest.parent.is_dir():
         raise UsageError(f"output folder does not exist: {dest.parent}")
     if not fp16:
-        return copy_atomic(ensure_onnx(spec, progress=progress), dest)
+        return copy_file(ensure_onnx(spec, progress=progress), dest)
     from deeplab_cli.export import export_onnx
     from deeplab_cli.importers import load_weights
 

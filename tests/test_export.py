@@ -14,6 +14,7 @@ from test_fidelity import onnx_for, session_for, source_file
 from deeplab_cli import export, zoo
 from deeplab_cli.errors import DeeplabError, WeightsError
 from deeplab_cli.importers import load_weights
+from deeplab_cli.io import TMP_SUFFIX
 from deeplab_cli.nets.quant import has_hybrid
 
 NAME = "deeplabv3-mnv2-voc"
@@ -42,7 +43,7 @@ def _photo_like(shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 
 def test_file_is_self_contained_with_dynamic_axes_and_spec(onnx_path: Path, spec: zoo.ModelSpec) -> None:
-    leftovers = [p.name for p in onnx_path.parent.iterdir() if p.name.endswith((".data", ".tmp"))]
+    leftovers = [p.name for p in onnx_path.parent.iterdir() if p.name.endswith((".data", ".tmp", TMP_SUFFIX))]
     assert leftovers == []  # no .onnx.data side file, no temp file left
     model = onnx.load(str(onnx_path), load_external_data=False)
     assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)

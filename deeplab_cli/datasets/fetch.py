@@ -8,13 +8,12 @@ refused as a whole. A marker file written last makes the command idempotent: a s
 
 from __future__ import annotations
 
-import json
-import os
 import posixpath
 import tarfile
 from pathlib import Path
 
 from deeplab_cli.errors import DeeplabError
+from deeplab_cli.io import write_json
 
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 # Published by the VOC site / torchvision; no sha256 is published for this file, so md5 is checked.
@@ -76,12 +75,6 @@ def safe_extract(archive: Path, dest: Path) -> list[str]:
     return [m.name for m in members]
 
 
-def _write_marker(path: Path, info: dict[str, object]) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(temp, path)
-
-
 def voc_marker(root: Path) -> Path:
     return Path(root) / MARKER
 
@@ -115,7 +108,7 @@ def fetch_voc(
         raise DeeplabError(
             f"{url} did not contain VOCdevkit/VOC2012/JPEGImages; is it the VOC 2012 trainval tar?"
         )
-    _write_marker(marker, {"url": url, "archive": VOC_ARCHIVE, "members": len(names), "path": str(voc2012)})
+    write_json(marker, {"url": url, "archive": VOC_ARCHIVE, "members": len(names), "path": str(voc2012)})
     if not keep_archive:
         archive.unlink(missing_ok=True)
     return voc2012
