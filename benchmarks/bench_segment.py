@@ -30,7 +30,7 @@ DEFAULT_IMAGES = REPO.parent / "shared" / "voc" / "VOC2012" / "JPEGImages"
 
 def naive(images: list[Path], model: str, out: Path) -> float:
     """Seconds for the plain Python API loop (model loading excluded)."""
-    from deeplab_cli.io import write_label_png
+    from deeplab_cli.files import write_label_png
     from deeplab_cli.runtime import Segmenter
 
     segmenter = Segmenter(model, device="cpu")

@@ -202,7 +202,7 @@ def labels_of(scores: np.ndarray) -> np.ndarray:
 
 def read_rgb(path: Path) -> np.ndarray:
     """An evaluation image as stored (no EXIF rotation: ground truth is aligned with the stored pixels)."""
-    from deeplab_cli.io import to_rgb
+    from deeplab_cli.files import to_rgb
 
     try:
         with Image.open(path) as image:
@@ -391,7 +391,7 @@ def _save(
     """Write ``folder/[sub/]<id>.png`` (palette PNG of class indices) when saving masks."""
     if folder is None:
         return
-    from deeplab_cli.io import write_label_png
+    from deeplab_cli.files import write_label_png
 
     tic = time.perf_counter()
     target = Path(folder) / sub if sub else Path(folder)

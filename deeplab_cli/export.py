@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from deeplab_cli.errors import DeeplabError
+from deeplab_cli.files import write_bytes
 from deeplab_cli.geometry import logits_size
-from deeplab_cli.io import write_bytes
 from deeplab_cli.nets.quant import has_hybrid, without_hybrid
 from deeplab_cli.zoo import ModelSpec
 

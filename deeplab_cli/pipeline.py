@@ -37,7 +37,7 @@ from typing import IO, Any, TypeVar
 
 import numpy as np
 
-from deeplab_cli import io as dio
+from deeplab_cli import files as dio
 from deeplab_cli.errors import DeeplabError, UsageError
 
 SCORE_KINDS = ("logits", "probs")

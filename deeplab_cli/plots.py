@@ -43,6 +43,6 @@ def trimap_figure_png(result: dict[str, Any], dpi: int = 100) -> bytes:
 
 def write_trimap_plot(path: Path, result: dict[str, Any]) -> Path:
     """Draw the trimap curves into ``path`` (PNG, written atomically)."""
-    from deeplab_cli.io import write_bytes
+    from deeplab_cli.files import write_bytes
 
     return write_bytes(path, trimap_figure_png(result))

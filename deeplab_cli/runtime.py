@@ -21,7 +21,6 @@ import queue
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,9 @@ import numpy as np
 from PIL import Image
 
 from deeplab_cli import geometry
-from deeplab_cli.errors import DeviceError, UsageError, WeightsError
-from deeplab_cli.io import read_image
+from deeplab_cli.device import Device, parse_device
+from deeplab_cli.errors import UsageError, WeightsError
+from deeplab_cli.files import read_image
 from deeplab_cli.zoo import ModelSpec, get_model
 
 ImageLike = np.ndarray | Image.Image | str | os.PathLike
@@ -127,60 +127,25 @@ def _spec_from_session(session: Any, path: Path) -> ModelSpec:
     return ModelSpec.from_json(meta["deeplab.spec"])
 
 
-def _installed(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _cuda_hint() -> str:
-    gpu, cpu = _installed("onnxruntime-gpu"), _installed("onnxruntime")
-    if gpu and cpu:
-        return (
-            f"both onnxruntime {cpu} and onnxruntime-gpu {gpu} are installed and the CPU build shadows the "
-            "GPU one: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
-        )
-    if not gpu:
-        return "onnxruntime-gpu is not installed: pip uninstall onnxruntime && pip install 'deeplab-cli[gpu]'"
-    return "check that the CUDA 12/13 and cuDNN 9 libraries are on the library path and a GPU is visible"
-
-
-def parse_device(device: str) -> tuple[str, int]:
-    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> (kind, device id)."""
-    text = (device or "auto").strip().lower()
-    if text in ("auto", "cpu", "cuda"):
-        return text, 0
-    if text.startswith("cuda:") and text[5:].isdigit():
-        return "cuda", int(text[5:])
-    raise UsageError(f"invalid device {device!r}; use auto, cpu, cuda or cuda:N")
-
-
 def create_session(
-    path: Path, device: str = "auto", threads: int | None = None, providers: list[Any] | None = None
+    path: Path, device: str | Device = "auto", threads: int | None = None, providers: list[Any] | None = None
 ) -> Any:
     """An ONNX Runtime session on ``device``; asking for CUDA and not getting it raises DeviceError."""
     import onnxruntime as ort
 
-    kind, device_id = parse_device(device)
+    target = parse_device(device)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, one thread per physical core
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    available = ort.get_available_providers()
-    cuda = ("CUDAExecutionProvider", {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC"})
     if providers is None:
-        if kind == "cuda" and "CUDAExecutionProvider" not in available:
-            raise DeviceError(f"--device cuda: ONNX Runtime has no CUDA provider; {_cuda_hint()}")
-        use_cuda = kind == "cuda" or (kind == "auto" and "CUDAExecutionProvider" in available)
-        providers = [cuda, "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+        providers = target.onnx_providers()
     try:
         session = ort.InferenceSession(os.fspath(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise WeightsError(f"{path}: cannot load ONNX model: {exc}") from exc
-    if kind == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        raise DeviceError(f"--device cuda: the CUDA provider failed to load (running on CPU); {_cuda_hint()}")
+    target.check_granted(session.get_providers())
     return session
 
 
@@ -452,7 +417,7 @@ class Segmenter:
                 raise UsageError(f"expected a uint8 image array, got {image.dtype}")
             return np.ascontiguousarray(image[:, :, :3])
         if isinstance(image, Image.Image):
-            from deeplab_cli.io import to_rgb
+            from deeplab_cli.files import to_rgb
 
             return to_rgb(image)
         return read_image(image)

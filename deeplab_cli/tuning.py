@@ -104,9 +104,9 @@ def resolve_crf_params(
 
 
 def default_output(model: str) -> Path:
-    from deeplab_cli.weights import home
+    from deeplab_cli import paths
 
-    return home() / "crf" / f"{model}.json"
+    return paths.crf_dir() / f"{model}.json"
 
 
 # -- the probability cache --------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def cache_probabilities(
     cached as ``pred``).
     """
     from deeplab_cli.evaluate import labels_of, network_scores, read_ahead
-    from deeplab_cli.io import write_npz
+    from deeplab_cli.files import write_npz
     from deeplab_cli.metrics import ConfusionMatrix
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -320,9 +320,9 @@ def tune(
         )
     ids = [s.id for s in dataset.samples]
     if cache_root is None:
-        from deeplab_cli.weights import home
+        from deeplab_cli import paths
 
-        cache_root = home() / "crf" / "cache"
+        cache_root = paths.crf_dir() / "cache"
     key = cache_key(spec.name, dataset.name, dataset.split, ids, scales, flip)
     items, baseline_matrix = cache_probabilities(segmenter, dataset, cache_root / key, scales, flip)
     baseline = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, dataset.exclude_classes)
@@ -382,7 +382,7 @@ def parse_grid(text: str) -> dict[str, tuple[float, ...]]:
 
 
 def save_result(path: Path, result: TuneResult) -> Path:
-    from deeplab_cli.io import write_json
+    from deeplab_cli.files import write_json
 
     return write_json(path, result.to_dict())
 

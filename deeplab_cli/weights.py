@@ -17,15 +17,15 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
-import os
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from deeplab_cli import paths
 from deeplab_cli.download import DownloadError, download, sha256_of
 from deeplab_cli.errors import UsageError, WeightsError
-from deeplab_cli.io import copy_file, write_json
+from deeplab_cli.files import copy_file, write_json
 from deeplab_cli.zoo import ModelSpec, Source, find_by_sha256, get_model, registry_models
 
 # Bump when conversion changes in a way that makes cached ONNX files stale.
@@ -35,28 +35,8 @@ FORMAT_BY_SUFFIX = {".tflite": "tflite", ".caffemodel": "caffe"}
 TEMPLATE_FOR_ARCH = {"deeplab-v2-vgg16": "deeplab-v1-largefov"}
 
 
-def home() -> Path:
-    """The cache root: ``$DEEPLAB_HOME``, else the platform's user cache dir."""
-    if os.environ.get("DEEPLAB_HOME"):
-        return Path(os.environ["DEEPLAB_HOME"]).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("deeplab"))
-
-
-def mirror_dirs(extra: list[Path] | None = None) -> list[Path]:
-    """Mirror folders to search before any download: ``extra`` then ``$DEEPLAB_MIRROR`` (os.pathsep list)."""
-    dirs = list(extra or [])
-    dirs += [Path(p).expanduser() for p in os.environ.get("DEEPLAB_MIRROR", "").split(os.pathsep) if p]
-    return dirs
-
-
-def offline() -> bool:
-    return os.environ.get("DEEPLAB_OFFLINE", "").lower() not in ("", "0", "false", "no")
-
-
 def onnx_path(spec: ModelSpec) -> Path:
-    return home() / "models" / f"{spec.name}.onnx"
+    return paths.models_dir() / f"{spec.name}.onnx"
 
 
 def is_ready(spec: ModelSpec) -> bool:
@@ -66,7 +46,7 @@ def is_ready(spec: ModelSpec) -> bool:
 
 def user_models() -> list[ModelSpec]:
     """Specs of models the user imported with an explicit architecture (``models/<name>.json``)."""
-    folder = home() / "models"
+    folder = paths.models_dir()
     if not folder.is_dir():
         return []
     specs = []
@@ -88,13 +68,13 @@ def source_path(
 ) -> Path:
     """The released file of ``spec``: from the cache, a mirror, or (if allowed) its upstream URL."""
     source = _require_source(spec)
-    cached = home() / "sources" / source.file
+    cached = paths.sources_dir() / source.file
     if cached.exists() and _checksum_ok(cached, source):
         return cached
-    found = _find_in_mirrors(source, mirror_dirs(mirrors))
+    found = _find_in_mirrors(source, paths.mirror_dirs(mirrors))
     if found is not None:
         return copy_file(found, cached)
-    if not allow_download or offline():
+    if not allow_download or paths.offline():
         raise WeightsError(
             f"{source.file} for model {spec.name!r} is not in the cache or a mirror and downloads are off; "
             f"get it from {source.url or 'its upstream release'} and run: deeplab weights import FILE"
@@ -177,7 +157,7 @@ def _weight_file(spec: ModelSpec, source: Path) -> Path:
     member = spec.source.archive_member if spec.source else None
     if not (member and zipfile.is_zipfile(source)):
         return source
-    target = home() / "sources" / f"{spec.name}--{Path(member).name}"  # members of releases may share names
+    target = paths.sources_dir() / f"{spec.name}--{Path(member).name}"  # members of releases may share names
     if not target.exists():
         with zipfile.ZipFile(source) as archive:
             names = [m for m in archive.namelist() if Path(m).name == Path(member).name]
@@ -209,7 +189,7 @@ def _cached_record(spec: ModelSpec) -> dict | None:
 @contextmanager
 def _lock(name: str) -> Iterator[None]:
     """An exclusive lock per model, so that concurrent processes convert a model only once."""
-    folder = home() / "locks"
+    folder = paths.locks_dir()
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{name}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -251,11 +231,11 @@ def import_file(path: Path, request: ImportRequest | None = None) -> list[ModelS
     if zipfile.is_zipfile(path) and request.arch is None:
         return _import_archive(path)
     spec = _identify(path, request)
-    cached = copy_file(path, home() / "sources" / _cached_name(spec, path))
+    cached = copy_file(path, paths.sources_dir() / _cached_name(spec, path))
     with _lock(spec.name):
         _convert(spec, cached)
     if spec.user:  # recorded only once its conversion succeeded
-        write_json(home() / "models" / f"{spec.name}.json", json.loads(spec.to_json()))
+        write_json(paths.models_dir() / f"{spec.name}.json", json.loads(spec.to_json()))
     return [spec]
 
 
@@ -360,7 +340,7 @@ def _import_archive(path: Path) -> list[ModelSpec]:
         raise WeightsError(f"archive {path.name} holds no weight file that a registry model expects")
     imported, errors = [], []
     for spec in specs:  # releases of different networks may use the same member name
-        cached = copy_file(path, home() / "sources" / spec.source.file)
+        cached = copy_file(path, paths.sources_dir() / spec.source.file)
         try:
             with _lock(spec.name):
                 _convert(spec, cached)

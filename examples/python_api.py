@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from deeplab_cli import Segmenter
-from deeplab_cli.io import read_image, write_image, write_label_png
+from deeplab_cli.files import read_image, write_image, write_label_png
 from deeplab_cli.palette import overlay
 
 HERE = Path(__file__).resolve().parent

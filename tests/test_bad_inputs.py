@@ -12,11 +12,11 @@ import zlib
 from pathlib import Path
 
 import pytest
+from conftest import IMAGES, VOC2012, voc_sample_ids
 from PIL import Image
+from segment_helpers import DM05, command, invoke
 
-from deeplab_cli.io import TMP_SUFFIX
-from tests.conftest import IMAGES, VOC2012, voc_sample_ids
-from tests.segment_helpers import DM05, command, invoke
+from deeplab_cli.files import TMP_SUFFIX
 
 GOOD = IMAGES / "dog_segmentation.bmp"
 

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import IMAGES
 from PIL import Image
-
-from tests.conftest import IMAGES
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

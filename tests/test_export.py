@@ -13,8 +13,8 @@ from test_fidelity import onnx_for, session_for, source_file
 
 from deeplab_cli import export, zoo
 from deeplab_cli.errors import DeeplabError, WeightsError
+from deeplab_cli.files import TMP_SUFFIX
 from deeplab_cli.importers import load_weights
-from deeplab_cli.io import TMP_SUFFIX
 from deeplab_cli.nets.quant import has_hybrid
 
 NAME = "deeplabv3-mnv2-voc"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deeplab_cli.io import encode_label_png
+from deeplab_cli.files import encode_label_png
 from deeplab_cli.palette import colorize, get_palette, label_image, overlay, voc_colormap
 from deeplab_cli.zoo import registry_models
 

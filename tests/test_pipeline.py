@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import IMAGES, VOC2012, voc_sample_ids
 from PIL import Image
 
 from deeplab_cli import pipeline
 from deeplab_cli.errors import UsageError
-from deeplab_cli.io import TMP_SUFFIX
+from deeplab_cli.files import TMP_SUFFIX
 from deeplab_cli.runtime import Segmenter
-from tests.conftest import IMAGES, VOC2012, voc_sample_ids
 
 DM05 = "deeplabv3-mnv2-dm05-voc"
 

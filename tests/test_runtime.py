@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import IMAGES, VOC2012, voc_sample_ids
 from PIL import Image
 
 from deeplab_cli.errors import DeviceError, ModelNotFoundError, UsageError
 from deeplab_cli.runtime import Segmenter, interpolation_matrix, upsample, upsample_labels
-from tests.conftest import IMAGES, VOC2012, voc_sample_ids
 
 DM05 = "deeplabv3-mnv2-dm05-voc"
 MNV2 = "deeplabv3-mnv2-voc"

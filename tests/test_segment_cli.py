@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import IMAGES, VOC2012, voc_sample_ids
 from PIL import Image
+from segment_helpers import DM05, invoke, run_process
 
-from deeplab_cli.io import TMP_SUFFIX
+from deeplab_cli.files import TMP_SUFFIX
 from deeplab_cli.runtime import Segmenter
-from tests.conftest import IMAGES, VOC2012, voc_sample_ids
-from tests.segment_helpers import DM05, invoke, run_process
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,7 @@ def evaluate(
     document = result.to_dict()
     print_report(document)
     if json_path is not None:
-        from deeplab_cli.io import write_json
+        from deeplab_cli.files import write_json
 
         write_json(json_path, document)
     if plot is not None:

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from deeplab_cli import weights
+from deeplab_cli import paths, weights
 from deeplab_cli.zoo import ModelSpec, list_models
 
 
@@ -59,7 +59,7 @@ def models(as_json: bool) -> None:
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
-    table = Table(title=f"deeplab models (cache: {weights.home()})")
+    table = Table(title=f"deeplab models (cache: {paths.home()})")
     for column in ("model", "dataset", "classes", "weights", "reported mIoU", "ready"):
         table.add_column(column)
     for spec, record in zip(list_models(), records, strict=True):

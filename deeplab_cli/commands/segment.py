@@ -159,7 +159,8 @@ def segment(
     Exit status: 0 all done, 1 some inputs failed (one line each on stderr), 2 usage error.
     """
     from deeplab_cli import pipeline
-    from deeplab_cli.runtime import Segmenter, parse_device
+    from deeplab_cli.device import parse_device
+    from deeplab_cli.runtime import Segmenter
     from deeplab_cli.zoo import get_model
 
     shard_spec = pipeline.parse_shard(shard)
@@ -185,7 +186,7 @@ def segment(
         batch_size=batch_size,
         workers=workers,
         crf_backend=crf_backend,
-        crf_device="cuda" if parse_device(device)[0] == "cuda" else "cpu",
+        crf_device=str(parse_device(device)) if parse_device(device).wants_cuda else "cpu",
         stdout_stream=click.get_binary_stream("stdout") if to_stdout else None,
     )
     if not options.kinds and not to_stdout and not as_json:
@@ -199,7 +200,7 @@ def segment(
         pipeline.check_output_dir(out_dir)
 
     if not sessions:
-        sessions = 1 if parse_device(device)[0] == "cuda" else min(2, os.cpu_count() or 1)
+        sessions = 1 if parse_device(device).wants_cuda else min(2, os.cpu_count() or 1)
     segmenter = Segmenter(
         spec or model, device=device, batch_size=batch_size, max_size=max_size or None, sessions=sessions
     )

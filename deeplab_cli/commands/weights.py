@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from deeplab_cli import paths
 from deeplab_cli import weights as cache
 from deeplab_cli.zoo import get_model, registry_models
 
@@ -81,4 +82,4 @@ def import_(
 @click.argument("name", required=False)
 def path(name: str | None) -> None:
     """Print the cache folder, or the cached ONNX file of NAME."""
-    click.echo(cache.onnx_path(get_model(name)) if name else cache.home())
+    click.echo(cache.onnx_path(get_model(name)) if name else paths.home())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,11 +59,10 @@ def read_ids(path: Path) -> list[str]:
 
 
 def default_data_root() -> Path:
-    """Where datasets live unless ``--data-root`` is given: ``$DEEPLAB_DATA``, else ``<home>/data``."""
-    from deeplab_cli.weights import home
+    """Where datasets live unless ``--data-root`` is given (see :func:`deeplab_cli.paths.data_root`)."""
+    from deeplab_cli import paths
 
-    value = os.environ.get("DEEPLAB_DATA")
-    return Path(value).expanduser() if value else home() / "data"
+    return paths.data_root()
 
 
 @dataclass

@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 
 from deeplab_cli.errors import DeeplabError
-from deeplab_cli.io import write_json
+from deeplab_cli.files import write_json
 
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 # Published by the VOC site / torchvision; no sha256 is published for this file, so md5 is checked.

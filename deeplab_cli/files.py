@@ -1,4 +1,4 @@
-"""Image reading (any Pillow mode to RGB uint8, EXIF orientation, size limits) and atomic output writers.
+"""Files in and out: image reading (any mode to RGB uint8, EXIF orientation, size limits), atomic writers.
 
 Reading rules:
 - EXIF orientation is applied (``ImageOps.exif_transpose``), so masks line up with what viewers show.
@@ -32,11 +32,12 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from deeplab_cli import paths
 from deeplab_cli.errors import ImageError
 
 # Refuse images above this many pixels (Pillow's own hard limit, about 13k x 13k, i.e. 179 megapixels,
-# which decode to 0.5 GB of RGB); $DEEPLAB_MAX_PIXELS overrides it.
-MAX_PIXELS = int(os.environ.get("DEEPLAB_MAX_PIXELS", 2 * 89_478_485))
+# which decode to 0.5 GB of RGB); $DEEPLAB_MAX_PIXELS overrides it (read once, at import).
+MAX_PIXELS = paths.max_pixels()
 TMP_SUFFIX = ".deeplab-tmp"
 
 IMAGE_EXTENSIONS = frozenset(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deeplab_cli import io as dio
+from deeplab_cli import files as dio
 from deeplab_cli.errors import ImageError
 
 RGB = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]], [[10, 20, 30], [200, 100, 50], [0, 0, 0]]], np.uint8)
