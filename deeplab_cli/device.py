@@ -95,13 +95,15 @@ def _installed(dist: str) -> str | None:
 
 
 def cuda_install_hint() -> str:
-    """What to do when ONNX Runtime cannot use the GPU, matching the README's install advice."""
+    """What to do when ONNX Runtime cannot use the GPU: the README's install advice, word for word.
+
+    ``onnxruntime`` (a core dependency) and ``onnxruntime-gpu`` install into the same folder and the one
+    installed last wins, so the fix is always to remove both and install the GPU build alone.
+    """
+    fix = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
     gpu, cpu = _installed("onnxruntime-gpu"), _installed("onnxruntime")
     if gpu and cpu:
-        return (
-            f"both onnxruntime {cpu} and onnxruntime-gpu {gpu} are installed and the CPU build shadows the "
-            "GPU one: pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'deeplab-cli[gpu]'"
-        )
+        return f"onnxruntime {cpu} shadows onnxruntime-gpu {gpu}: {fix}"
     if not gpu:
-        return "install the GPU build: pip uninstall -y onnxruntime && pip install 'deeplab-cli[gpu]'"
+        return f"the GPU build of ONNX Runtime is not installed: {fix}"
     return "check that the CUDA 12/13 and cuDNN 9 libraries are on the library path and a GPU is visible"

@@ -1,0 +1,86 @@
+"""``--device``: one parser, one meaning of auto, the GPU index kept, a loud error when CUDA is missing."""
+
+from __future__ import annotations
+
+import pytest
+
+from deeplab_cli import paths
+from deeplab_cli.device import CPU_PROVIDER, Device, cuda_install_hint, parse_device
+from deeplab_cli.errors import DeviceError, UsageError
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("auto", Device("auto")),
+        (None, Device("auto")),
+        ("CPU", Device("cpu")),
+        ("cuda", Device("cuda", 0)),
+        (" cuda:3 ", Device("cuda", 3)),
+    ],
+)
+def test_parse_device_keeps_the_index(text: str | None, expected: Device) -> None:
+    assert parse_device(text) == expected
+    assert parse_device(expected) is expected
+
+
+@pytest.mark.parametrize("text", ["gpu", "cuda:", "cuda:x", "cuda:-1", "tpu:0"])
+def test_parse_device_rejects_other_words(text: str) -> None:
+    with pytest.raises(UsageError, match="use auto, cpu, cuda or cuda:N"):
+        parse_device(text)
+
+
+def test_str_round_trips() -> None:
+    for text in ("auto", "cpu", "cuda:0", "cuda:2"):
+        assert str(parse_device(text)) == text
+
+
+def test_auto_and_cpu_run_on_the_cpu_without_a_gpu() -> None:
+    import onnxruntime as ort
+    import torch
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() or torch.cuda.is_available():
+        pytest.skip("a GPU runtime is present")
+    assert Device("auto").onnx_providers() == [CPU_PROVIDER]
+    assert Device("cpu").onnx_providers() == [CPU_PROVIDER]
+    assert Device("auto").torch_device().type == "cpu"
+
+
+def test_explicit_cuda_without_a_gpu_is_a_loud_error() -> None:
+    import onnxruntime as ort
+    import torch
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() or torch.cuda.is_available():
+        pytest.skip("a GPU runtime is present")
+    with pytest.raises(DeviceError, match=r"--device cuda:1: ONNX Runtime has no CUDA provider"):
+        Device("cuda", 1).onnx_providers()
+    with pytest.raises(DeviceError, match=r"--device cuda:1: PyTorch sees no GPU"):
+        Device("cuda", 1).torch_device()
+    with pytest.raises(DeviceError, match="fell back|failed to load"):
+        Device("cuda", 0).check_granted([CPU_PROVIDER])
+
+
+def test_install_hint_matches_the_readme() -> None:
+    from conftest import REPO
+
+    hint = cuda_install_hint()
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in hint
+    assert (
+        "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+        in (REPO / "README.md").read_text()
+    )
+
+
+def test_paths_follow_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("DEEPLAB_HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("DEEPLAB_MIRROR", f"{tmp_path / 'a'}:{tmp_path / 'b'}")
+    monkeypatch.delenv("DEEPLAB_DATA", raising=False)
+    monkeypatch.setenv("DEEPLAB_OFFLINE", "no")
+    assert paths.models_dir() == tmp_path / "h" / "models"
+    assert paths.data_root() == tmp_path / "h" / "data"
+    assert paths.mirror_dirs([tmp_path / "x"]) == [tmp_path / "x", tmp_path / "a", tmp_path / "b"]
+    assert not paths.offline()
+    monkeypatch.setenv("DEEPLAB_OFFLINE", "1")
+    assert paths.offline()
+    monkeypatch.setenv("DEEPLAB_MAX_PIXELS", "1000")
+    assert paths.max_pixels() == 1000
