@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
-from deeplab_cli.errors import DeeplabError
+from deeplab_cli.errors import DeeplabError, UsageError
 from deeplab_cli.files import write_bytes
 from deeplab_cli.geometry import logits_size
-from deeplab_cli.nets.quant import has_hybrid, without_hybrid
 from deeplab_cli.zoo import ModelSpec
+
+if TYPE_CHECKING:  # torch is imported only when a model is built or exported (it takes seconds)
+    import torch
+    from torch import nn
 
 METADATA_KEY = "deeplab.spec"
 OPSET = 17
@@ -39,28 +43,40 @@ HYBRID_MIN_AGREEMENT = 0.98
 CHECK_SIZE = 129  # export traces and verifies at about this size (the graph is size-independent)
 
 
-class NormalisedNet(nn.Module):
-    """``net`` preceded by the input normalisation of ``spec`` (RGB 0..255 in)."""
+class ModelFileError(UsageError):
+    """An ``.onnx`` file named by the user is missing, unreadable, corrupt or not one of ours (exit 2)."""
 
-    def __init__(self, net: nn.Module, spec: ModelSpec) -> None:
-        super().__init__()
-        self.net = net
-        mean = torch.tensor(spec.mean, dtype=torch.float32).reshape(1, 3, 1, 1)
-        std = torch.tensor(spec.std, dtype=torch.float32).reshape(1, 3, 1, 1)
-        self.register_buffer("scale", 1.0 / std)
-        self.register_buffer("offset", -mean / std)
-        self.bgr = spec.channel_order.upper() == "BGR"
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image * self.scale + self.offset
-        if self.bgr:
-            x = torch.flip(x, dims=[1])
-        return self.net(x)
+@cache
+def _normalised_net_class() -> type:
+    """``NormalisedNet``, defined on first use so that importing this module does not import torch."""
+    import torch
+    from torch import nn
+
+    class NormalisedNet(nn.Module):
+        """``net`` preceded by the input normalisation of ``spec`` (RGB 0..255 in)."""
+
+        def __init__(self, net: nn.Module, spec: ModelSpec) -> None:
+            super().__init__()
+            self.net = net
+            mean = torch.tensor(spec.mean, dtype=torch.float32).reshape(1, 3, 1, 1)
+            std = torch.tensor(spec.std, dtype=torch.float32).reshape(1, 3, 1, 1)
+            self.register_buffer("scale", 1.0 / std)
+            self.register_buffer("offset", -mean / std)
+            self.bgr = spec.channel_order.upper() == "BGR"
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            x = image * self.scale + self.offset
+            if self.bgr:
+                x = torch.flip(x, dims=[1])
+            return self.net(x)
+
+    return NormalisedNet
 
 
 def wrap_for_export(net: nn.Module, spec: ModelSpec) -> nn.Module:
     """The network with the spec's input normalisation in front, in eval mode."""
-    return NormalisedNet(net, spec).eval()
+    return _normalised_net_class()(net, spec).eval()
 
 
 def check_input(spec: ModelSpec, net: nn.Module | None = None, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -68,6 +84,8 @@ def check_input(spec: ModelSpec, net: nn.Module | None = None, batch: int = 1, s
 
     Sizes follow the protocol's step (step * k + 1); a network may declare ``min_input_size``.
     """
+    import torch
+
     step = spec.protocol.size_step
     least = max(CHECK_SIZE, int(getattr(net, "min_input_size", 0)))
     height = step * -(-(least - 1) // step) + 1
@@ -79,6 +97,8 @@ def check_input(spec: ModelSpec, net: nn.Module | None = None, batch: int = 1, s
 
 
 def _export_legacy(model: nn.Module, example: torch.Tensor, target: io.BytesIO) -> None:
+    import torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -161,6 +181,10 @@ def _run_onnx(data: bytes, image: np.ndarray) -> np.ndarray:
 
 
 def _verify(data: bytes, model: nn.Module, spec: ModelSpec, fp16: bool) -> float:
+    import torch
+
+    from deeplab_cli.nets.quant import has_hybrid
+
     image = check_input(spec, model.net)
     with torch.no_grad():
         expected = model(image).numpy()
@@ -206,6 +230,8 @@ def export_onnx(net: nn.Module, spec: ModelSpec, path: Path, *, fp16: bool = Fal
     """
     import onnx
 
+    from deeplab_cli.nets.quant import has_hybrid, without_hybrid
+
     path = Path(path)
     if fp16 and has_hybrid(net):
         net = without_hybrid(net)
@@ -223,19 +249,39 @@ def export_onnx(net: nn.Module, spec: ModelSpec, path: Path, *, fp16: bool = Fal
     return write_bytes(path, data)
 
 
-def read_spec(path: Path) -> ModelSpec:
-    """The spec embedded in an exported ONNX file."""
-    import onnx
+def spec_from_metadata(metadata: Mapping[str, str], path: Path) -> ModelSpec:
+    """The spec stored under :data:`METADATA_KEY` in an ONNX file's metadata (as a session returns it)."""
+    if METADATA_KEY not in metadata:
+        raise ModelFileError(f"{path} has no {METADATA_KEY!r} metadata: not exported by deeplab-cli")
+    try:
+        return ModelSpec.from_json(metadata[METADATA_KEY])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ModelFileError(f"{path}: unreadable {METADATA_KEY!r} metadata ({exc})") from exc
 
-    proto = onnx.load(str(path), load_external_data=False)
-    for entry in proto.metadata_props:
-        if entry.key == METADATA_KEY:
-            return ModelSpec.from_json(entry.value)
-    raise DeeplabError(f"{path} has no {METADATA_KEY!r} metadata: not exported by deeplab-cli")
+
+def read_spec(path: Path) -> ModelSpec:
+    """The spec embedded in an exported ONNX file; a missing, corrupt or foreign file is a usage error."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except OSError as exc:
+        raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"{path} is not a valid ONNX file (truncated or corrupt: {exc})") from exc
+    metadata = {entry.key: entry.value for entry in proto.metadata_props}
+    return spec_from_metadata(metadata, path)
 
 
 def convert_to_onnx(source_path: Path, spec: ModelSpec, onnx_path: Path, *, fp16: bool = False) -> Path:
-    """Load the released weights at ``source_path`` for ``spec`` and export them to ``onnx_path``."""
+    """THE conversion: load the released weights at ``source_path`` for ``spec`` and export them.
+
+    Used for the cache's float32 models and for ``deeplab export --fp16`` alike.
+    """
     from deeplab_cli.importers import load_weights
 
     net = load_weights(Path(source_path), spec)

@@ -1,38 +1,84 @@
 """The weight cache: released files in, converted ONNX models out.
 
-Layout under :func:`home` (``$DEEPLAB_HOME``, else the user cache dir, e.g. ``~/.cache/deeplab``)::
+Layout under ``paths.home()`` (``$DEEPLAB_HOME``, else the user cache dir, e.g. ``~/.cache/deeplab``)::
 
-    sources/<released file>     the upstream file, checked against its sha256
-    models/<name>.onnx          the converted model (spec embedded as ONNX metadata)
-    models/<name>.onnx.json     what it was converted from (source sha256, converter version)
-    models/<name>.json          the spec of a model the user imported with an explicit architecture
+    sources/<released file>          the upstream file, checked against its sha256
+    sources/<model>--<member>        the weight file of a release archive (extracted, or imported bare)
+    models/<name>.onnx               the converted model (spec embedded as ONNX metadata)
+    models/<name>.onnx.json          what it was converted from, and the ONNX file's size and sha256
+    models/<name>.json               the registry row of a model the user imported with --arch (zoo reads it)
 
 A released file is looked for in the cache, then in the mirror folders (``--mirror`` or
-``$DEEPLAB_MIRROR``, searched recursively by file name), then downloaded from its upstream URL unless
-``$DEEPLAB_OFFLINE`` is set. Conversion happens once, under a file lock, and is written atomically.
+``$DEEPLAB_MIRROR``, searched recursively by file name; for a release archive, by the archive's name or
+its weight file's), then downloaded from its upstream URL unless ``$DEEPLAB_OFFLINE`` is set. Conversion
+happens once, under a file lock, through :func:`deeplab_cli.export.convert_to_onnx`, written atomically.
+A cached ONNX whose size differs from its record (a truncated copy) is converted again on next use;
+``deeplab weights fetch`` also checks its sha256.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import json
+import os
+import sys
+import tempfile
+import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from deeplab_cli import paths
 from deeplab_cli.download import DownloadError, download, sha256_of
-from deeplab_cli.errors import UsageError, WeightsError
+from deeplab_cli.errors import DeeplabError, UsageError, WeightsError
 from deeplab_cli.files import copy_file, write_json
-from deeplab_cli.zoo import ModelSpec, Source, find_by_sha256, get_model, registry_models
+from deeplab_cli.zoo import (
+    ModelSpec,
+    Source,
+    find_by_sha256,
+    get_model,
+    registry_models,
+    user_record_path,
+)
 
 # Bump when conversion changes in a way that makes cached ONNX files stale.
 CONVERTER_VERSION = 3
 FORMAT_BY_SUFFIX = {".tflite": "tflite", ".caffemodel": "caffe"}
 # Architectures without a registry row of their own borrow the input convention of a sibling's row.
 TEMPLATE_FOR_ARCH = {"deeplab-v2-vgg16": "deeplab-v1-largefov"}
+# Rough conversion cost (seconds = BASE + per MB of weights), for the "converting ..." notice: measured
+# on 2 shared cores, TFLite models take 4-5 s for 2-3 MB (their graphs are rebuilt op by op).
+CONVERT_BASE_S = 2.0
+CONVERT_S_PER_MB = {"tflite": 1.2, "caffe": 0.15}
+_CACHE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+Notice = Callable[[str], None]
+
+
+def _print_notice(message: str) -> None:
+    print(f"deeplab: {message}", file=sys.stderr, flush=True)
+
+
+_notice: Notice | None = _print_notice
+
+
+def set_notice(notice: Notice | None) -> Notice | None:
+    """Send the cache's notices (a first-use conversion and how long it took) to ``notice``.
+
+    ``None`` silences them (``--quiet``); the default prints one line each to stderr, so that a first run
+    says why it pauses. Returns the previous hook so that callers can restore it.
+    """
+    global _notice
+    previous, _notice = _notice, notice
+    return previous
+
+
+def _say(message: str) -> None:
+    if _notice is not None:
+        _notice(message)
 
 
 def onnx_path(spec: ModelSpec) -> Path:
@@ -40,46 +86,59 @@ def onnx_path(spec: ModelSpec) -> Path:
 
 
 def is_ready(spec: ModelSpec) -> bool:
-    """Whether the converted model is in the cache and up to date."""
+    """Whether the converted model is in the cache, complete and up to date."""
     return _cached_record(spec) is not None
 
 
-def user_models() -> list[ModelSpec]:
-    """Specs of models the user imported with an explicit architecture (``models/<name>.json``)."""
-    folder = paths.models_dir()
-    if not folder.is_dir():
-        return []
-    specs = []
-    for path in sorted(folder.glob("*.json")):
-        if path.name.endswith(".onnx.json"):
-            continue
-        try:
-            specs.append(ModelSpec.from_json(path.read_text()))
-        except (ValueError, TypeError, KeyError) as exc:
-            raise WeightsError(f"corrupt model record {path}: {exc}") from exc
-    return specs
+@contextmanager
+def _cache_writes() -> Iterator[None]:
+    """Turn a refused write under the cache folder into one line that names ``DEEPLAB_HOME``."""
+    try:
+        yield
+    except OSError as exc:
+        home = paths.home()
+        target = Path(exc.filename) if exc.filename else None
+        inside = target is not None and (target == home or home in target.parents)
+        if exc.errno not in _CACHE_ERRNOS or not inside:
+            raise
+        raise WeightsError(
+            f"cannot write to the weight cache {home} ({exc.strerror}); free some space or make it "
+            "writable, or set DEEPLAB_HOME to a writable folder"
+        ) from exc
 
 
 # ------------------------------------------------------------------------------------------- locating
 
 
+def member_path(spec: ModelSpec) -> Path | None:
+    """Where the weight file of a release archive is kept; ``None`` when the release is a single file.
+
+    Named after the model because members of different releases share names (``train_iter_20000``).
+    """
+    member = spec.source.archive_member if spec.source else None
+    return paths.sources_dir() / f"{spec.name}--{Path(member).name}" if member else None
+
+
 def source_path(
     spec: ModelSpec, *, mirrors: list[Path] | None = None, allow_download: bool = True, progress: bool = True
 ) -> Path:
-    """The released file of ``spec``: from the cache, a mirror, or (if allowed) its upstream URL."""
+    """The released file of ``spec`` (or its archive's weight file): cache, mirror, or upstream URL."""
     source = _require_source(spec)
-    cached = paths.sources_dir() / source.file
-    if cached.exists() and _checksum_ok(cached, source):
+    cached = _in_cache(spec, source)
+    if cached is not None:
         return cached
-    found = _find_in_mirrors(source, paths.mirror_dirs(mirrors))
+    found = _find_in_mirrors(spec, source, paths.mirror_dirs(mirrors))
     if found is not None:
-        return copy_file(found, cached)
+        with _cache_writes():
+            return copy_file(found, _cache_place(spec, found))
+    names = source.file + (f" (or {Path(source.archive_member).name})" if source.archive_member else "")
     if not allow_download or paths.offline():
         raise WeightsError(
-            f"{source.file} for model {spec.name!r} is not in the cache or a mirror and downloads are off; "
+            f"{names} for model {spec.name!r} is not in the cache or a mirror and downloads are off; "
             f"get it from {source.url or 'its upstream release'} and run: deeplab weights import FILE"
         )
-    return _download_source(spec, source, cached, progress)
+    with _cache_writes():
+        return _download_source(spec, source, paths.sources_dir() / source.file, progress)
 
 
 def _require_source(spec: ModelSpec) -> Source:
@@ -92,15 +151,34 @@ def _checksum_ok(path: Path, source: Source) -> bool:
     return source.sha256 is None or sha256_of(path) == source.sha256
 
 
-def _find_in_mirrors(source: Source, mirrors: list[Path]) -> Path | None:
-    """The first file named ``source.file`` (or its archive) under a mirror whose checksum matches."""
+def _in_cache(spec: ModelSpec, source: Source) -> Path | None:
+    """The archive's weight file when present (no checksum is recorded for members), else the release."""
+    member = member_path(spec)
+    if member is not None and member.is_file():
+        return member
+    released = paths.sources_dir() / source.file
+    return released if released.is_file() and _checksum_ok(released, source) else None
+
+
+def _find_in_mirrors(spec: ModelSpec, source: Source, mirrors: list[Path]) -> Path | None:
+    """The first file under a mirror named like the release (checksum verified) or like its member."""
+    names = [source.file] + ([Path(source.archive_member).name] if source.archive_member else [])
     for mirror in mirrors:
         if not mirror.is_dir():
             continue
-        for candidate in sorted(mirror.rglob(source.file)):
-            if candidate.is_file() and _checksum_ok(candidate, source):
-                return candidate
+        for name in names:
+            for candidate in sorted(mirror.rglob(name)):
+                if candidate.is_file() and (name != source.file or _checksum_ok(candidate, source)):
+                    return candidate
     return None
+
+
+def _cache_place(spec: ModelSpec, found: Path) -> Path:
+    """Where a file found for ``spec`` is kept: under the release's name, or as the archive's member."""
+    member = member_path(spec)
+    if member is not None and not zipfile.is_zipfile(found):
+        return member
+    return paths.sources_dir() / _require_source(spec).file
 
 
 def _download_source(spec: ModelSpec, source: Source, dest: Path, progress: bool) -> Path:
@@ -124,64 +202,92 @@ def ensure_onnx(
     mirrors: list[Path] | None = None,
     allow_download: bool = True,
     progress: bool = True,
+    verify: bool = False,
 ) -> Path:
-    """The cached ONNX model for ``spec``, converting it on first use."""
+    """The cached ONNX model for ``spec``, converting it on first use (and saying so, see set_notice).
+
+    A cached file that does not match its record (truncated, or with ``verify`` a different sha256) is
+    converted again from the released file.
+    """
     if not isinstance(spec, ModelSpec):
         spec = get_model(spec)
-    if _cached_record(spec) is not None:
+    if _cached_record(spec, verify) is not None:
         return onnx_path(spec)
-    with _lock(spec.name):
-        if _cached_record(spec) is not None:  # converted by another process meanwhile
+    with _cache_writes(), _lock(spec.name):
+        if _cached_record(spec, verify) is not None:  # converted by another process meanwhile
             return onnx_path(spec)
         source = source_path(spec, mirrors=mirrors, allow_download=allow_download, progress=progress)
-        return _convert(spec, source)
+        return _convert(spec, _weight_file(spec, source))
 
 
-def _convert(spec: ModelSpec, source: Path) -> Path:
+def _estimate_s(spec: ModelSpec, weight_file: Path) -> int:
+    size_mb = weight_file.stat().st_size / 1e6
+    per_mb = CONVERT_S_PER_MB.get(spec.source.format if spec.source else "", 0.5)
+    return max(1, round(CONVERT_BASE_S + per_mb * size_mb))
+
+
+def _convert(spec: ModelSpec, weight_file: Path) -> Path:
+    """Convert ``weight_file`` into the cache's ONNX for ``spec`` and record what it came from."""
     from deeplab_cli.export import convert_to_onnx
 
+    _say(f"converting {spec.name} to ONNX (once; about {_estimate_s(spec, weight_file)} s)...")
+    started = time.perf_counter()
     target = onnx_path(spec)
     target.parent.mkdir(parents=True, exist_ok=True)
-    convert_to_onnx(_weight_file(spec, source), spec, target)
+    convert_to_onnx(weight_file, spec, target)
     record = {
-        "source_sha256": sha256_of(source),
+        "source_sha256": sha256_of(weight_file),
         "converter": CONVERTER_VERSION,
+        "onnx_size": target.stat().st_size,
+        "onnx_sha256": sha256_of(target),
         "spec": json.loads(spec.to_json()),
     }
     write_json(_record_path(spec), record)
+    _say(f"done in {time.perf_counter() - started:.1f} s")
     return target
 
 
 def _weight_file(spec: ModelSpec, source: Path) -> Path:
-    """The file to convert: ``source`` itself, or the weight file inside a release archive."""
-    member = spec.source.archive_member if spec.source else None
-    if not (member and zipfile.is_zipfile(source)):
+    """The file to convert: ``source`` itself, or the weight file extracted from a release archive."""
+    member = member_path(spec)
+    if member is None or source == member or not zipfile.is_zipfile(source):
         return source
-    target = paths.sources_dir() / f"{spec.name}--{Path(member).name}"  # members of releases may share names
-    if not target.exists():
-        with zipfile.ZipFile(source) as archive:
-            names = [m for m in archive.namelist() if Path(m).name == Path(member).name]
-            if not names:
-                raise WeightsError(f"{source.name} does not contain {member} (model {spec.name!r})")
-            with archive.open(names[0]) as member_stream:
-                copy_file(member_stream, target)
-    return target
+    if not member.exists():
+        _extract_member(spec, source, member)
+    return member
+
+
+def _extract_member(spec: ModelSpec, archive_path: Path, target: Path) -> Path:
+    member_name = Path(_require_source(spec).archive_member or "").name
+    with zipfile.ZipFile(archive_path) as archive:
+        names = [m for m in archive.namelist() if Path(m).name == member_name]
+        if not names:
+            raise WeightsError(f"{archive_path.name} does not contain {member_name} (model {spec.name!r})")
+        with archive.open(names[0]) as member_stream:
+            return copy_file(member_stream, target)
 
 
 def _record_path(spec: ModelSpec) -> Path:
     return onnx_path(spec).with_name(f"{spec.name}.onnx.json")
 
 
-def _cached_record(spec: ModelSpec) -> dict | None:
-    """The conversion record when the cached ONNX is present and matches the spec and converter."""
+def _cached_record(spec: ModelSpec, verify: bool = False) -> dict | None:
+    """The conversion record when the cached ONNX is complete and matches the spec and converter.
+
+    The size check catches a truncated copy at every use for the price of a stat; ``verify`` also
+    compares the sha256 (what ``weights fetch`` does).
+    """
     path, record_path = onnx_path(spec), _record_path(spec)
-    if not (path.exists() and record_path.exists()):
-        return None
     try:
         record = json.loads(record_path.read_text())
-    except ValueError:
+        size = path.stat().st_size
+    except (OSError, ValueError):
         return None
-    if record.get("converter") != CONVERTER_VERSION or record.get("spec") != json.loads(spec.to_json()):
+    if not isinstance(record, dict) or record.get("converter") != CONVERTER_VERSION:
+        return None
+    if record.get("spec") != json.loads(spec.to_json()) or record.get("onnx_size") != size:
+        return None
+    if verify and record.get("onnx_sha256") != sha256_of(path):
         return None
     return record
 
@@ -202,9 +308,26 @@ def _lock(name: str) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------- user actions
 
 
-def fetch(name: str, *, mirrors: list[Path] | None = None, progress: bool = True) -> Path:
-    """Download (or take from a mirror), verify and convert a registry model; returns the ONNX path."""
-    return ensure_onnx(get_model(name), mirrors=mirrors, allow_download=True, progress=progress)
+def fetch(name: str, *, mirrors: list[Path] | None = None, progress: bool = True) -> tuple[Path, str]:
+    """Get, verify and convert a model; returns (ONNX path, what happened).
+
+    What happened is ``"ready"`` (the cached file matches its record, sha256 included), ``"converted"``
+    or ``"repaired"`` (a damaged or stale cached file was converted again).
+    """
+    spec = get_model(name)
+    if _cached_record(spec, verify=True) is not None:
+        return onnx_path(spec), "ready"
+    existed = onnx_path(spec).exists()
+    path = ensure_onnx(spec, mirrors=mirrors, allow_download=True, progress=progress, verify=True)
+    return path, "repaired" if existed else "converted"
+
+
+def not_converted_error(spec: ModelSpec) -> WeightsError:
+    """The error for a model that is not (or not completely) in the cache, with the remedy."""
+    return WeightsError(
+        f"model {spec.name!r} is not converted yet (it will be {onnx_path(spec)}); "
+        f"run: deeplab weights fetch {spec.name}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,47 +340,140 @@ class ImportRequest:
     source_format: str | None = None
 
 
-def import_file(path: Path, request: ImportRequest | None = None) -> list[ModelSpec]:
-    """Identify a local weight file (or a release zip), copy it into the cache and convert it.
+@dataclasses.dataclass(frozen=True)
+class ImportResult:
+    """What importing one file gave: the models made ready, or the error that stopped it."""
 
-    A file is identified by its sha256 against the registry; a registry row without a recorded checksum
-    matches by file name (also the name of its member inside a release archive). Any other file needs
-    an explicit architecture and a name (``request``). Returns the models made ready.
+    path: Path
+    specs: tuple[ModelSpec, ...] = ()
+    error: DeeplabError | None = None
+
+
+def import_files(
+    files: Sequence[Path],
+    request: ImportRequest | None = None,
+    on_result: Callable[[ImportResult], None] | None = None,
+) -> list[ImportResult]:
+    """Import several files; one file's failure is recorded in its result and does not stop the rest.
+
+    ``on_result`` sees each file's result as soon as it is known (the CLI prints it).
+    """
+    request = request or ImportRequest()
+    if request.arch is not None:
+        if len(files) != 1:
+            raise UsageError("--arch and --name import one file at a time")
+        _template_for(request.arch)  # an unknown architecture is a usage error before any work
+    results = []
+    for path in files:
+        try:
+            result = ImportResult(Path(path), tuple(import_file(path, request)))
+        except DeeplabError as exc:
+            result = ImportResult(Path(path), error=exc)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
+
+
+def import_file(path: Path, request: ImportRequest | None = None) -> list[ModelSpec]:
+    """Identify a local weight file (or a release zip), convert it, and keep it in the cache.
+
+    Identification, in order: the sha256 against the registry (TFLite files with metadata are also
+    zip archives, so this comes first); the members of a release archive; the file name (also an
+    archive's member name, for rows without a recorded checksum); else ``request``'s architecture. Nothing
+    is copied into the cache unless its conversion succeeded. Returns the models made ready.
     """
     request = request or ImportRequest()
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
-    if zipfile.is_zipfile(path) and request.arch is None:
-        return _import_archive(path)
-    spec = _identify(path, request)
-    cached = copy_file(path, paths.sources_dir() / _cached_name(spec, path))
-    with _lock(spec.name):
-        _convert(spec, cached)
-    if spec.user:  # recorded only once its conversion succeeded
-        write_json(paths.models_dir() / f"{spec.name}.json", json.loads(spec.to_json()))
-    return [spec]
+    try:
+        with _cache_writes():
+            return _import(path, request)
+    except DeeplabError as exc:
+        if path.name in str(exc):
+            raise
+        raise type(exc)(f"{path.name}: {exc}") from exc
 
 
-def _cached_name(spec: ModelSpec, path: Path) -> str:
-    """Where an imported file is kept: the released name, or the archive member's name if it is that."""
-    member = spec.source.archive_member
-    if member and path.name == Path(member).name:
-        return path.name
-    return spec.source.file
-
-
-def _identify(path: Path, request: ImportRequest) -> ModelSpec:
+def _import(path: Path, request: ImportRequest) -> list[ModelSpec]:
     digest = sha256_of(path)
-    if request.arch is None:
-        spec = find_by_sha256(digest) or _match_by_name(path.name)
-        if spec is None:
-            raise WeightsError(
-                f"{path.name} (sha256 {digest[:12]}...) matches no registry model; to import your own "
-                "weights give --arch and --name (see: deeplab models for architectures)"
-            )
-        return spec
-    return _user_spec(path, digest, request)
+    if request.arch is not None:
+        return [_import_user(path, _user_spec(path, digest, request))]
+    spec = find_by_sha256(digest)
+    if spec is not None:
+        return [_import_as(spec, path)]
+    if zipfile.is_zipfile(path):
+        specs = _archive_specs(path)
+        if specs:
+            return _import_archive(path, specs)
+    spec = _match_by_name(path.name)
+    if spec is not None:
+        return [_import_as(spec, path)]
+    raise WeightsError(
+        f"{path.name} (sha256 {digest[:12]}...) matches no registry model; to import your own "
+        "weights give --arch and --name (see: deeplab models for architectures)"
+    )
+
+
+def _import_as(spec: ModelSpec, path: Path) -> ModelSpec:
+    """Convert a registry model's file straight from where it lies, then keep a copy in the cache."""
+    source, member = _require_source(spec), member_path(spec)
+    keep = paths.sources_dir() / source.file
+    if member is not None and path.name == Path(source.archive_member or "").name:
+        keep = member  # the bare weight file of a release archive
+    with _lock(spec.name):
+        _convert(spec, path)
+        if keep.resolve() != path.resolve():
+            copy_file(path, keep)
+    return spec
+
+
+def _import_user(path: Path, spec: ModelSpec) -> ModelSpec:
+    """Convert the user's own file; its row is recorded (and the file kept) only once that succeeded."""
+    with _lock(spec.name):
+        _convert(spec, path)
+        copy_file(path, paths.sources_dir() / _require_source(spec).file)
+        write_json(user_record_path(spec.name), json.loads(spec.to_json()))
+    return spec
+
+
+def _archive_specs(path: Path) -> list[ModelSpec]:
+    """Registry models whose weight file is a member of this archive."""
+    with zipfile.ZipFile(path) as archive:
+        members = {Path(m).name for m in archive.namelist() if not m.endswith("/")}
+    return [
+        spec
+        for spec in registry_models()
+        if spec.source and spec.source.archive_member and Path(spec.source.archive_member).name in members
+    ]
+
+
+def _import_archive(path: Path, specs: list[ModelSpec]) -> list[ModelSpec]:
+    """Import every registry model whose weight file is in this release archive; keep only their members.
+
+    Each member is extracted to a scratch folder inside the cache and moved into place once converted,
+    so a failure leaves nothing behind.
+    """
+    imported, errors = [], []
+    paths.sources_dir().mkdir(parents=True, exist_ok=True)
+    for spec in specs:  # releases of different networks may use the same member name
+        member = member_path(spec)
+        assert member is not None  # _archive_specs keeps rows with an archive member only
+        with tempfile.TemporaryDirectory(prefix=".import-", dir=paths.sources_dir()) as scratch:
+            extracted = _extract_member(spec, path, Path(scratch) / member.name)
+            try:
+                with _lock(spec.name):
+                    _convert(spec, extracted)
+                    os.replace(extracted, member)
+                imported.append(spec)
+            except WeightsError as exc:
+                errors.append(f"{spec.name}: {exc}")
+    if not imported:
+        raise WeightsError(f"archive {path.name} fits no registry model: {'; '.join(errors)}")
+    for error in errors:
+        _say(f"skipped {error}")
+    return imported
 
 
 def _match_by_name(file_name: str) -> ModelSpec | None:
@@ -277,9 +493,9 @@ def _user_spec(path: Path, digest: str, request: ImportRequest) -> ModelSpec:
         raise UsageError("--name is required with --arch")
     if any(spec.name == request.name for spec in registry_models()):
         raise UsageError(f"{request.name!r} is a registry model name; choose another --name")
-    template = _template_for(request.arch)
+    template = _template_for(request.arch or "")
     suffix_format = FORMAT_BY_SUFFIX.get(path.suffix.lower())
-    source_format = request.source_format or suffix_format or template.source.format
+    source_format = request.source_format or suffix_format or _require_source(template).format
     file_name = f"{request.name}{path.suffix or '.bin'}"
     source = Source(format=source_format, file=file_name, sha256=digest, size=path.stat().st_size)
     class_names = _read_classes(request.classes_file) if request.classes_file else template.class_names
@@ -327,33 +543,12 @@ def _read_classes(path: Path) -> list[str]:
     return names
 
 
-def _import_archive(path: Path) -> list[ModelSpec]:
-    """Import every registry model whose weight file is a member of this release archive."""
-    with zipfile.ZipFile(path) as archive:
-        members = {Path(m).name for m in archive.namelist() if not m.endswith("/")}
-    specs = [
-        spec
-        for spec in registry_models()
-        if spec.source and spec.source.archive_member and Path(spec.source.archive_member).name in members
-    ]
-    if not specs:
-        raise WeightsError(f"archive {path.name} holds no weight file that a registry model expects")
-    imported, errors = [], []
-    for spec in specs:  # releases of different networks may use the same member name
-        cached = copy_file(path, paths.sources_dir() / spec.source.file)
-        try:
-            with _lock(spec.name):
-                _convert(spec, cached)
-            imported.append(spec)
-        except WeightsError as exc:
-            errors.append(str(exc))
-    if not imported:
-        raise WeightsError(f"archive {path.name} fits no registry model: {'; '.join(errors)}")
-    return imported
-
-
 def export_model(spec: ModelSpec | str, dest: Path, *, fp16: bool = False, progress: bool = True) -> Path:
-    """Write ``spec``'s ONNX model (dynamic batch, height and width) to ``dest``, optionally in float16."""
+    """Write ``spec``'s ONNX model (dynamic batch, height and width) to ``dest``, optionally in float16.
+
+    float32 is the cached model itself; float16 goes through the same conversion as the cache
+    (:func:`deeplab_cli.export.convert_to_onnx`) from the released file.
+    """
     if not isinstance(spec, ModelSpec):
         spec = get_model(spec)
     dest = Path(dest)
@@ -363,8 +558,12 @@ def export_model(spec: ModelSpec | str, dest: Path, *, fp16: bool = False, progr
         raise UsageError(f"output folder does not exist: {dest.parent}")
     if not fp16:
         return copy_file(ensure_onnx(spec, progress=progress), dest)
-    from deeplab_cli.export import export_onnx
-    from deeplab_cli.importers import load_weights
+    from deeplab_cli.export import convert_to_onnx
 
-    source = source_path(spec, progress=progress)
-    return export_onnx(load_weights(_weight_file(spec, source), spec), spec, dest, fp16=True)
+    with _cache_writes():
+        weight_file = _weight_file(spec, source_path(spec, progress=progress))
+    _say(f"converting {spec.name} to float16 ONNX (about {_estimate_s(spec, weight_file)} s)...")
+    started = time.perf_counter()
+    path = convert_to_onnx(weight_file, spec, dest, fp16=True)
+    _say(f"done in {time.perf_counter() - started:.1f} s")
+    return path

@@ -16,7 +16,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from deeplab_cli.errors import ModelNotFoundError
+from deeplab_cli import paths
+from deeplab_cli.errors import ModelNotFoundError, UsageError, WeightsError
 
 _PACKAGED = Path(__file__).with_name("registry.toml")
 _SOURCE_TREE = Path(__file__).resolve().parent.parent / "weights" / "registry.toml"
@@ -26,14 +27,35 @@ _SOURCE_TREE = Path(__file__).resolve().parent.parent / "weights" / "registry.to
 class Protocol:
     """How an image is prepared for the network, as upstream evaluated the model.
 
-    The image is padded bottom/right with the mean to at least ``min_size`` on each side, and to a size
-    ``size_step * k + 1`` (8k+1 for an output-stride-8 network), so that every stride-2 layer pads
-    symmetrically and logits land on pixels 0, s, 2s, ... (align-corners geometry).
+    First the image is resized (``resize``: ``none`` = native size; ``range`` = TF DeepLab's
+    ``resize_to_range(resize_min, resize_max, resize_factor)``; ``longer_side`` = the longer side brought
+    into ``[resize_min, resize_max]``, 0 = unbounded) by ``resize_method`` (``bilinear_align_corners`` as
+    TF, or ``pillow_bilinear``). Then it is padded bottom/right with ``pad_value`` (the mean) to at least
+    ``min_size`` on each side, and to a size ``size_step * k + 1`` (8k+1 for an output-stride-8 network),
+    so that every stride-2 layer pads symmetrically and logits land on pixels 0, s, 2s, ...
+    (align-corners geometry). See ``deeplab_cli.geometry``.
     """
 
     min_size: int = 513
     size_step: int = 8
     align_corners: bool = True
+    resize: str = "none"
+    resize_min: int = 0
+    resize_max: int = 0
+    resize_factor: int = 1
+    resize_method: str = "bilinear_align_corners"
+    pad_value: str = "mean"
+
+    def describe(self) -> str:
+        """One line for reports and JSON: the resize rule, then the padding rule."""
+        if self.resize == "range":
+            rule = f"resize_to_range({self.resize_min}, {self.resize_max}, factor {self.resize_factor})"
+        elif self.resize == "longer_side":
+            rule = f"longer side into [{self.resize_min}, {self.resize_max or 'inf'}]"
+        else:
+            rule = "native size"
+        method = f" ({self.resize_method})" if self.resize != "none" else ""
+        return f"{rule}{method}, pad with the {self.pad_value} to >= {self.min_size}, {self.size_step}k+1"
 
 
 @dataclass(frozen=True)
@@ -130,11 +152,43 @@ def registry_models() -> list[ModelSpec]:
     return list(_load_registry()[1])
 
 
+def user_record_path(name: str) -> Path:
+    """Where the row of a model the user imported with ``--arch`` is kept (``models/<name>.json``)."""
+    return paths.models_dir() / f"{name}.json"
+
+
+def user_models() -> list[ModelSpec]:
+    """Rows of models the user imported with an explicit architecture, read from the cache folder.
+
+    The registry reads these records itself (they are plain rows) so that it needs nothing from the
+    weight cache, which sits above it.
+    """
+    folder = paths.models_dir()
+    if not folder.is_dir():
+        return []
+    specs = []
+    for path in sorted(folder.glob("*.json")):
+        if path.name.endswith(".onnx.json"):  # conversion records, not rows
+            continue
+        try:
+            specs.append(ModelSpec.from_json(path.read_text()))
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            message = f"corrupt model record {path}: {exc}; delete it or import the model again"
+            raise WeightsError(message) from exc
+    return specs
+
+
 def list_models() -> list[ModelSpec]:
     """Registry rows followed by models the user imported into the cache."""
-    from deeplab_cli.weights import user_models
-
     return registry_models() + user_models()
+
+
+def default_model_for(dataset: str) -> str:
+    """The registry's default model if it fits ``dataset``, else the first registry model trained on it."""
+    models = [spec for spec in registry_models() if spec.dataset == dataset]
+    if not models:
+        raise UsageError(f"no model in the registry is trained on {dataset}; pass --model")
+    return next((spec.name for spec in models if spec.default), models[0].name)
 
 
 def default_model() -> ModelSpec:
