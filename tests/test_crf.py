@@ -19,7 +19,8 @@ from PIL import Image
 
 from deeplab_cli.crf import CRFParams, available_backends, refine, refine_batch
 from deeplab_cli.crf.torch_backend import refine_torch_batch
-from deeplab_cli.crf.workers import CRFWorkerPool
+from deeplab_cli.crf.backends import BackendUnavailableError
+from deeplab_cli.crf.runner import CRFRunner
 
 TFLITE = WEIGHTS_MIRROR / "deeplabv3-mnv2-voc" / "lite-model_mobilenetv2-coco_dr_1.tflite"
 LARGEFOV = CRFParams(iterations=10, pos_w=3, pos_xy_std=3, bi_w=4, bi_xy_std=121, bi_rgb_std=5)
@@ -159,14 +160,14 @@ def test_worker_pool_runs_the_crf(samples) -> None:
     (_, im0, p0), (_, im1, p1) = samples[:2]
     im0, p0 = im0[:120, :160].copy(), np.ascontiguousarray(p0[:, :120, :160])
     params = LARGEFOV.replace(iterations=3)
-    with CRFWorkerPool(params, processes=1, threads=1) as pool:
+    with CRFRunner(params, backend="torch", workers=1, threads=1) as pool:
         futures = [pool.submit(im0, p0), pool.submit(im1, p1)]
         results = [f.result(timeout=120) for f in futures]
         bad = pool.submit(im0, p0[:, :10])
         with pytest.raises(ValueError, match="do not match"):
             bad.result(timeout=60)
     for res, (im, p) in zip(results, [(im0, p0), (im1, p1)], strict=True):
-        np.testing.assert_allclose(res, refine(im, p, params), atol=1e-6)
+        np.testing.assert_allclose(res, refine(im, p, params, backend="torch"), atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -214,7 +215,7 @@ def test_params_validation_and_round_trip() -> None:
         CRFParams(bi_w=float("nan"))
     with pytest.raises(ValueError, match="unknown CRF parameter"):
         CRFParams.from_dict({"bi_std": 3})
-    with pytest.raises(ValueError, match="unknown CRF backend"):
+    with pytest.raises(BackendUnavailableError, match="unknown CRF backend"):
         refine(np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 2), 0.5, np.float32), backend="densecrf")
 
 
@@ -237,6 +238,6 @@ def test_missing_pydensecrf_says_how_to_install(monkeypatch) -> None:
         return real_import(name, globals, locals, fromlist, level)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    assert available_backends() == ["torch"]
-    with pytest.raises(ImportError, match=r"deeplab-cli\[crf\]"):
+    assert "pydensecrf" not in available_backends()
+    with pytest.raises(BackendUnavailableError, match=r"deeplab-cli\[crf\]"):
         refine(np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 2), 0.5, np.float32), backend="pydensecrf")

@@ -6,48 +6,46 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from deeplab_cli.errors import DeeplabError
+
+from .backends import BACKENDS, available_backends, choose_backend
 from .params import CRFParams
 
-__all__ = ["BACKENDS", "available_backends", "refine", "refine_batch", "check_inputs"]
-
-BACKENDS = ("torch", "pydensecrf")
+__all__ = ["BACKENDS", "CRFInputError", "available_backends", "refine", "refine_batch", "check_inputs"]
 
 
-def available_backends() -> list[str]:
-    """The backends usable in this environment (``torch`` always; ``pydensecrf`` if installed)."""
-    from .pydensecrf_backend import is_available
-
-    return ["torch"] + (["pydensecrf"] if is_available() else [])
+class CRFInputError(DeeplabError, ValueError):
+    """The image or probabilities given to the CRF are malformed (one line; also a ``ValueError``)."""
 
 
 def check_inputs(image: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validate an H x W x 3 uint8 image and C x H x W probabilities; return contiguous copies/views.
 
-    Raises ValueError with a one-line message on: non-array inputs, wrong dtype or channel count,
+    Raises :class:`CRFInputError` with a one-line message on: non-array inputs, wrong dtype or channel count,
     mismatched sizes, non-finite or negative probabilities.
     """
     if not isinstance(image, np.ndarray) or not isinstance(probs, np.ndarray):
-        raise ValueError("CRF image and probabilities must be numpy arrays")
+        raise CRFInputError("CRF image and probabilities must be numpy arrays")
     if image.dtype != np.uint8:
-        raise ValueError(f"CRF image must be uint8, got {image.dtype}")
+        raise CRFInputError(f"CRF image must be uint8, got {image.dtype}")
     if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"CRF image must be H x W x 3 (RGB), got shape {image.shape}")
+        raise CRFInputError(f"CRF image must be H x W x 3 (RGB), got shape {image.shape}")
     if probs.ndim != 3:
-        raise ValueError(f"CRF probabilities must be C x H x W, got shape {probs.shape}")
+        raise CRFInputError(f"CRF probabilities must be C x H x W, got shape {probs.shape}")
     if not np.issubdtype(probs.dtype, np.floating):
-        raise ValueError(f"CRF probabilities must be floating point, got {probs.dtype}")
+        raise CRFInputError(f"CRF probabilities must be floating point, got {probs.dtype}")
     if probs.shape[1:] != image.shape[:2]:
-        raise ValueError(
+        raise CRFInputError(
             f"CRF probabilities {probs.shape[1]}x{probs.shape[2]} do not match the image "
             f"{image.shape[0]}x{image.shape[1]}"
         )
     if probs.shape[0] < 1 or image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"CRF inputs must not be empty, got probabilities of shape {probs.shape}")
+        raise CRFInputError(f"CRF inputs must not be empty, got probabilities of shape {probs.shape}")
     probs = np.ascontiguousarray(probs, dtype=np.float32)
     if not np.isfinite(probs).all():
-        raise ValueError("CRF probabilities contain NaN or infinite values")
+        raise CRFInputError("CRF probabilities contain NaN or infinite values")
     if (probs < 0).any():
-        raise ValueError("CRF probabilities must be >= 0")
+        raise CRFInputError("CRF probabilities must be >= 0")
     image = np.ascontiguousarray(image)
     # Read-only inputs (e.g. np.asarray of a PIL image) are copied: pydensecrf and torch need writable.
     if not image.flags.writeable:
@@ -57,14 +55,6 @@ def check_inputs(image: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.n
     return image, probs
 
 
-def _check_backend(backend: str) -> str:
-    if backend == "auto":
-        return "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown CRF backend {backend!r} (choose from auto, {', '.join(BACKENDS)})")
-    return backend
-
-
 def refine(
     image: np.ndarray,
     probs: np.ndarray,
@@ -72,16 +62,17 @@ def refine(
     *,
     backend: str = "auto",
     device: str | None = None,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Refine class probabilities with the dense CRF; returns C x H x W float32 probabilities.
 
     ``image``: H x W x 3 uint8 RGB; ``probs``: C x H x W non-negative scores (normally a softmax).
     The unary is ``-unary_scale * log(max(p, 1e-8))``. With ``iterations == 0`` the result is the softmax
     of the unary (the input renormalised, sharpened by ``unary_scale``); with one class it is all ones.
-    ``backend``: ``auto`` (= ``torch``), ``torch`` or ``pydensecrf``; ``device`` (torch only): ``cpu``,
-    ``cuda``, ``cuda:N`` or None (CUDA when available).
+    ``backend``: one of :data:`BACKENDS` (``auto``: numba on the CPU when installed, else torch; torch on
+    CUDA); ``device`` (torch only): ``cpu``, ``cuda``, ``cuda:N`` or None (CUDA when available).
     """
-    return refine_batch([image], [probs], params, backend=backend, device=device)[0]
+    return refine_batch([image], [probs], params, backend=backend, device=device, threads=threads)[0]
 
 
 def refine_batch(
@@ -92,16 +83,16 @@ def refine_batch(
     backend: str = "auto",
     device: str | None = None,
     max_batch_pixels: int = 8_000_000,
+    threads: int | None = None,
 ) -> list[np.ndarray]:
     """Refine several images; the torch backend on CUDA runs them as one batch (up to
     ``max_batch_pixels`` pixels at a time), on CPU one by one (same-size images share the cached
     smoothness-kernel lattice). Results are in input order."""
     params = params or CRFParams()
     if not isinstance(params, CRFParams):
-        raise ValueError(f"params must be a CRFParams, got {type(params).__name__}")
-    backend = _check_backend(backend)
+        raise CRFInputError(f"params must be a CRFParams, got {type(params).__name__}")
     if len(images) != len(probs_list):
-        raise ValueError(f"got {len(images)} images but {len(probs_list)} probability maps")
+        raise CRFInputError(f"got {len(images)} images but {len(probs_list)} probability maps")
     checked = [check_inputs(im, p) for im, p in zip(images, probs_list, strict=True)]
     results: list[np.ndarray | None] = [None] * len(checked)
     todo = []
@@ -110,18 +101,21 @@ def refine_batch(
             results[i] = np.ones_like(p)
         else:
             todo.append(i)
-    if backend == "pydensecrf":
-        from .pydensecrf_backend import refine_pydensecrf
+    dev = None
+    if backend in ("auto", "torch"):
+        from .torch_backend import resolve_device
 
+        dev = resolve_device(device)
+    backend = choose_backend(backend, on_cuda=dev is not None and dev.type == "cuda")
+    if backend != "torch" or dev is None:
         for i in todo:
-            results[i] = refine_pydensecrf(*checked[i], params)
+            results[i] = refine_on_cpu(backend, *checked[i], params, threads)
         return results  # type: ignore[return-value]
 
     import torch
 
-    from .torch_backend import refine_torch_batch, resolve_device
+    from .torch_backend import refine_torch_batch
 
-    dev = resolve_device(device)
     if dev.type == "cpu":
         groups = [[i] for i in todo]
     else:
@@ -144,3 +138,16 @@ def refine_batch(
             for i, out in zip(group, outs, strict=True):
                 results[i] = out
     return results  # type: ignore[return-value]
+
+
+def refine_on_cpu(
+    backend: str, image: np.ndarray, probs: np.ndarray, params: CRFParams, threads: int | None = None
+) -> np.ndarray:
+    """One checked image with a CPU-only backend (``numba`` or ``pydensecrf``)."""
+    if backend == "numba":
+        from .numba_backend import refine_numba
+
+        return refine_numba(image, probs, params, threads=threads)
+    from .pydensecrf_backend import refine_pydensecrf
+
+    return refine_pydensecrf(image, probs, params)

@@ -1,12 +1,30 @@
-"""Parameters of the fully connected CRF, with DeepLab's names and defaults (DeepLab-LargeFOV)."""
+"""Parameters of the fully connected CRF, with DeepLab's names and defaults (DeepLab-LargeFOV).
+
+One constructor rule: :meth:`CRFParams.from_dict` rejects unknown keys, wherever the values come from (a
+registry row, a parameter file, the command line). :func:`resolve` layers them: the model's defaults, then
+a parameter file (e.g. written by ``deeplab crf tune``), then explicit overrides. This module is light on
+purpose: plain ``deeplab segment --crf`` reads its parameters without importing the search module.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
-__all__ = ["CRFParams"]
+from deeplab_cli.errors import UsageError
+
+__all__ = ["CRFParams", "CRFParamsError", "PARAM_NAMES", "load_params", "resolve"]
+
+
+class CRFParamsError(UsageError, ValueError):
+    """A CRF parameter is unknown, not a number or out of range (a usage error: exit 2).
+
+    Also a ``ValueError`` so that library callers that validate values themselves can catch it as one.
+    """
 
 
 @dataclass(frozen=True)
@@ -34,31 +52,30 @@ class CRFParams:
             or not isinstance(it, int)
             and not (isinstance(it, float) and it.is_integer())
         ):
-            raise ValueError(f"CRF iterations must be an integer, got {it!r}")
+            raise CRFParamsError(f"CRF iterations must be an integer, got {it!r}")
         object.__setattr__(self, "iterations", int(it))
         if self.iterations < 0:
-            raise ValueError(f"CRF iterations must be >= 0, got {self.iterations}")
+            raise CRFParamsError(f"CRF iterations must be >= 0, got {self.iterations}")
         for name in ("pos_w", "pos_xy_std", "bi_w", "bi_xy_std", "bi_rgb_std", "unary_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"CRF {name} must be a finite number, got {value!r}")
+                raise CRFParamsError(f"CRF {name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, float(value))
         for name in ("pos_xy_std", "bi_xy_std", "bi_rgb_std", "unary_scale"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"CRF {name} must be > 0, got {getattr(self, name)}")
+                raise CRFParamsError(f"CRF {name} must be > 0, got {getattr(self, name)}")
         for name in ("pos_w", "bi_w"):
             if getattr(self, name) < 0:
-                raise ValueError(f"CRF {name} must be >= 0, got {getattr(self, name)}")
+                raise CRFParamsError(f"CRF {name} must be >= 0, got {getattr(self, name)}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> CRFParams:
-        """Build from a mapping (e.g. a registry row's ``crf`` table); unknown keys are an error."""
+    def from_dict(cls, data: Mapping[str, Any] | None) -> CRFParams:
+        """Build from a mapping (a registry row, a file, options); unknown keys are an error."""
         data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - set(PARAM_NAMES))
         if unknown:
-            raise ValueError(
-                f"unknown CRF parameter(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            raise CRFParamsError(
+                f"unknown CRF parameter(s): {', '.join(unknown)} (known: {', '.join(sorted(PARAM_NAMES))})"
             )
         return cls(**data)
 
@@ -69,3 +86,39 @@ class CRFParams:
     def replace(self, **changes: Any) -> CRFParams:
         """A copy with some fields changed (validated again)."""
         return CRFParams.from_dict({**self.to_dict(), **changes})
+
+
+PARAM_NAMES: tuple[str, ...] = tuple(f.name for f in fields(CRFParams))
+
+
+def load_params(path: Path | str) -> dict[str, Any]:
+    """The CRF parameters in a JSON file, as a mapping (validated by :func:`resolve`).
+
+    Accepts a ``deeplab crf tune`` result (its ``crf`` object) or a flat object with the parameter names.
+    Unreadable files, invalid JSON and files without any parameter are one-line usage errors.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CRFParamsError(f"cannot read CRF parameters {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CRFParamsError(f"{path}: not valid JSON ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("crf"), dict):
+        data = data["crf"]
+    if not isinstance(data, dict) or not any(name in data for name in PARAM_NAMES):
+        raise CRFParamsError(
+            f"{path}: no CRF parameters found (expected keys such as bi_w, bi_xy_std, bi_rgb_std)"
+        )
+    return dict(data)
+
+
+def resolve(
+    defaults: CRFParams | None, file: Path | str | None = None, overrides: Mapping[str, Any] | None = None
+) -> CRFParams:
+    """``defaults`` (e.g. the model's), then the parameters in ``file``, then ``overrides`` (None = unset)."""
+    values = (defaults or CRFParams()).to_dict()
+    if file is not None:
+        values.update(load_params(file))
+    values.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    return CRFParams.from_dict(values)

@@ -26,10 +26,12 @@ def refine_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -
     """Refine one (already validated) image with pydensecrf: C x H x W float32 probabilities."""
     try:
         import pydensecrf.densecrf as dcrf
-    except ImportError as exc:
-        raise ImportError(
-            "the 'pydensecrf' CRF backend needs the pydensecrf2 package: pip install 'deeplab-cli[crf]'"
-        ) from exc
+    except ImportError:
+        from .backends import BackendUnavailableError, install_hint
+
+        raise BackendUnavailableError(
+            f"the CRF backend 'pydensecrf' is not installed: {install_hint('pydensecrf')}"
+        ) from None
     from .torch_backend import PROB_FLOOR
 
     c, h, w = probs.shape

@@ -1,0 +1,382 @@
+"""One way to run the dense CRF next to inference: inline, in worker processes, or batched on a GPU.
+
+``CRFRunner(params, backend, device, workers, threads)`` is what ``segment``, ``eval`` and ``crf tune`` use:
+
+- the backend is resolved and checked when the runner is made, before any image is read (a missing
+  package is one line naming its pip command, exit 2);
+- on a CUDA device (the torch backend), images submitted together are refined as one batch on the GPU by a
+  background thread;
+- on the CPU with ``workers == 0`` the CRF runs inline in the caller's thread;
+- with ``workers > 0`` it runs in a pool of ``spawn``-ed processes (fork after ONNX Runtime or numba
+  threads started is unsafe). Workers ignore SIGINT and SIGTERM (the parent decides: Ctrl-C reaches the
+  whole process group, and a worker that died of it would print a traceback), exit on their own when the
+  parent dies (a watchdog thread polls ``os.getppid()``), and ``close(cancel=True)`` kills them at once.
+
+:func:`default_crf_workers` decides how many cores the CRF gets next to the network (issue 12's core split).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from deeplab_cli.device import Device, parse_device
+
+from .backends import CPU_ONLY, choose_backend
+from .params import CRFParams, CRFParamsError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = ["CRFRunner", "default_crf_workers"]
+
+WATCHDOG_PERIOD_S = 0.25
+GPU_MAX_BATCH = 32
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+def default_crf_workers(cores: int, network_on_gpu: bool) -> tuple[int, int]:
+    """How the CRF shares the machine with inference: ``(worker processes, threads per worker)``.
+
+    The network and the CRF run at the same time on different images, so the cores are split rather
+    than shared (two thread pools on one core each lose to one pool per core: they evict each other's
+    caches and spin).
+
+    - 1 core: nothing to split; the CRF runs inline, one thread (``(0, 1)``).
+    - 2-3 cores, network on the CPU: inference keeps the rest, the CRF takes one core: ``(1, 1)``.
+    - 4+ cores, network on the CPU: ONNX Runtime gains little beyond a handful of threads per image while
+      the compiled CRF costs a fraction of the network's time, so the CRF gets a quarter of the cores in
+      processes of two threads (16 cores: 4 CRF cores = ``(2, 2)``; 8 cores: ``(1, 2)``).
+    - network on the GPU: the CPU only feeds the GPU (decode, write), so one core stays for that and the
+      rest go to the CRF in processes of up to four threads (16 cores: ``(4, 4)`` minus one core ->
+      ``(4, 3)``; 2 cores: ``(1, 1)``). When the CRF itself runs on the GPU these values are unused.
+    """
+    cores = max(1, int(cores))
+    if cores == 1:
+        return 0, 1
+    if network_on_gpu:
+        crf_cores = cores - 1
+        workers = max(1, -(-crf_cores // 4))
+        return workers, max(1, crf_cores // workers)
+    crf_cores = 1 if cores < 4 else cores // 4
+    workers = max(1, crf_cores // 2)
+    return workers, max(1, crf_cores // workers)
+
+
+# -- worker processes -------------------------------------------------------------------------------------
+
+_WORKER: dict[str, object] = {}
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit this worker when its parent is gone (a killed parent must not leave workers at 100% CPU)."""
+    while True:
+        time.sleep(WATCHDOG_PERIOD_S)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
+def _init_worker(params: dict[str, object], backend: str, threads: int, parent: int) -> None:
+    """Per-process setup: ignore the signals the parent handles, watch the parent, limit threads."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="parent-watchdog").start()
+    for var in _THREAD_VARS:
+        os.environ[var] = str(threads)
+    # Spinning OpenMP threads steal the CPU from inference on a shared machine.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+    _WORKER.update(params=CRFParams.from_dict(params), backend=backend, threads=threads)
+
+
+def _warm_up() -> int:
+    """Run the backend once on a tiny image so that imports and JIT compilation happen at start-up."""
+    tiny_image = np.zeros((4, 4, 3), dtype=np.uint8)
+    tiny_probs = np.full((2, 4, 4), 0.5, dtype=np.float32)
+    _refine_in_worker(tiny_image, tiny_probs)
+    return os.getpid()
+
+
+def _refine_in_worker(image: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    from .core import refine
+
+    params, backend, threads = _WORKER["params"], _WORKER["backend"], _WORKER["threads"]
+    assert isinstance(params, CRFParams) and isinstance(backend, str) and isinstance(threads, int)
+    return refine(image, probs, params, backend=backend, device="cpu", threads=threads)
+
+
+@contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Block SIGINT/SIGTERM in this thread while children start: they inherit the mask, so a Ctrl-C
+    during their start-up cannot kill them with a traceback; the parent gets it once unblocked."""
+    wanted = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _ProcessPool:
+    """CRF worker processes with a bounded number of images in flight."""
+
+    def __init__(self, params: CRFParams, backend: str, workers: int, threads: int, max_pending: int):
+        import multiprocessing
+
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._executor = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(params.to_dict(), backend, threads, os.getpid()),
+        )
+        with _signals_blocked():  # start every worker now, from this thread, with signals blocked
+            self._ready = [self._executor.submit(_warm_up) for _ in range(workers)]
+
+    def wait_ready(self) -> None:
+        """Block until every worker has started and run the backend once (for timing start-up)."""
+        for future in self._ready:
+            future.result()
+
+    def submit(self, image: np.ndarray, probs: np.ndarray) -> Future[np.ndarray]:
+        self._slots.acquire()
+        try:
+            future = self._executor.submit(_refine_in_worker, image, probs)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _f: self._slots.release())
+        return future
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in list(self._executor._processes.values()) if p.pid is not None]
+
+    def close(self, cancel: bool) -> None:
+        if not cancel:
+            self._executor.shutdown(wait=True)
+            return
+        processes = list(self._executor._processes.values())
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:  # they ignore SIGTERM by design: the parent ends them
+            if process.is_alive():
+                process.kill()
+        for process in processes:
+            process.join(timeout=5)
+        self._executor.shutdown(wait=True)
+
+
+# -- the GPU batcher --------------------------------------------------------------------------------------
+
+_Item = tuple[np.ndarray, np.ndarray, "Future[np.ndarray]"]
+
+
+class _GPUBatcher:
+    """A thread that refines whatever has been submitted so far as one batch on the GPU."""
+
+    def __init__(self, params: CRFParams, device: str, max_batch: int = GPU_MAX_BATCH):
+        self.params, self.device, self.max_batch = params, device, max_batch
+        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=4 * max_batch)
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="crf-gpu")
+        self._thread.start()
+
+    def submit(self, image: np.ndarray, probs: np.ndarray) -> Future[np.ndarray]:
+        future: Future[np.ndarray] = Future()
+        self._queue.put((image, probs, future))
+        return future
+
+    def _loop(self) -> None:
+        from .core import refine_batch
+
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                batch.append(more)
+            batch = [entry for entry in batch if entry[2].set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            try:
+                images = [entry[0] for entry in batch]
+                results = refine_batch(
+                    images, [entry[1] for entry in batch], self.params, backend="torch", device=self.device
+                )
+            except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
+                for entry in batch:
+                    entry[2].set_exception(exc)
+                continue
+            for entry, result in zip(batch, results, strict=True):
+                entry[2].set_result(result)
+
+    def close(self, cancel: bool) -> None:
+        if cancel:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[2].cancel()
+        self._queue.put(None)
+        self._thread.join(timeout=None if not cancel else 10)
+
+
+# -- the runner -------------------------------------------------------------------------------------------
+
+
+class CRFRunner:
+    """Refines images with the dense CRF: ``refine`` (blocking) or ``submit`` (a Future); thread-safe.
+
+    ``backend``: ``auto``, ``numba``, ``torch`` or ``pydensecrf`` (checked now: a missing one is a
+    :class:`~deeplab_cli.crf.backends.BackendUnavailableError`). ``device``: where the torch backend runs
+    (``cuda:N`` keeps its index; numba and pydensecrf always run on the CPU). ``workers``: 0 = inline in
+    the caller's thread, N > 0 = N worker processes, None = :func:`default_crf_workers` for this machine
+    (with ``network_on_gpu`` telling it whether inference leaves the CPU free). ``threads``: threads per
+    worker (or inline); None = the split's value for pools, the backend's default inline.
+    """
+
+    def __init__(
+        self,
+        params: CRFParams,
+        backend: str = "auto",
+        device: str | Device = "cpu",
+        workers: int | None = 0,
+        threads: int | None = None,
+        *,
+        network_on_gpu: bool = False,
+        max_pending: int | None = None,
+    ) -> None:
+        if not isinstance(params, CRFParams):
+            raise CRFParamsError(f"CRF params must be a CRFParams, got {type(params).__name__}")
+        if workers is not None and workers < 0:
+            raise CRFParamsError(f"CRF workers must be >= 0, got {workers}")
+        if threads is not None and threads < 1:
+            raise CRFParamsError(f"CRF threads must be >= 1, got {threads}")
+        self.params = params
+        self.device = parse_device(device)
+        explicit_cpu = (backend or "").strip().lower() in CPU_ONLY
+        self.torch_device = "cpu" if explicit_cpu else _torch_device_name(self.device)
+        on_cuda = self.torch_device.startswith("cuda")
+        self.backend = choose_backend(backend, on_cuda=on_cuda)
+        if workers is None:
+            workers, auto_threads = default_crf_workers(os.cpu_count() or 1, network_on_gpu)
+            threads = threads or auto_threads
+        self.workers = 0 if on_cuda else workers
+        self.threads = threads
+        self._pool: _ProcessPool | None = None
+        self._gpu: _GPUBatcher | None = None
+        self._closed = False
+        if on_cuda:
+            self._gpu = _GPUBatcher(params, self.torch_device)
+        elif self.workers > 0:
+            pending = max_pending or 2 * self.workers
+            self._pool = _ProcessPool(params, self.backend, self.workers, threads or 1, pending)
+        elif threads is not None and self.backend == "torch":
+            import torch
+
+            torch.set_num_threads(threads)
+
+    @property
+    def mode(self) -> str:
+        """``gpu``, ``processes`` or ``inline``: how images are refined."""
+        return "gpu" if self._gpu else "processes" if self._pool else "inline"
+
+    def describe(self) -> str:
+        """One line for logs, e.g. ``numba, 1 worker x 1 thread``."""
+        if self._gpu:
+            return f"{self.backend} on {self.torch_device}"
+        if self._pool:
+            return f"{self.backend}, {self.workers} worker(s) x {self.threads or 1} thread(s)"
+        return f"{self.backend}, inline"
+
+    def refine(self, image: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """CRF-refined C x H x W float32 probabilities of one image (blocks until done)."""
+        if self._pool is None and self._gpu is None:
+            self._check_open()
+            from .core import refine
+
+            return refine(image, probs, self.params, backend=self.backend, device="cpu", threads=self.threads)
+        return self.submit(image, probs).result()
+
+    def refine_many(self, images: Sequence[np.ndarray], probs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Refine several images (batched on a GPU, in parallel in a pool); results in input order."""
+        futures = [self.submit(im, p) for im, p in zip(images, probs, strict=True)]
+        return [future.result() for future in futures]
+
+    def submit(self, image: np.ndarray, probs: np.ndarray) -> Future[np.ndarray]:
+        """Queue one image; the Future holds the refined probabilities or the error.
+
+        Inline, the work is done before this returns. With a pool, this blocks while ``max_pending``
+        images are in flight, so memory stays flat however fast images come.
+        """
+        self._check_open()
+        if self._pool is not None:
+            return self._pool.submit(image, probs)
+        if self._gpu is not None:
+            return self._gpu.submit(image, probs)
+        future: Future[np.ndarray] = Future()
+        try:
+            future.set_result(self.refine(image, probs))
+        except Exception as exc:  # noqa: BLE001 - the caller reads it from the Future
+            future.set_exception(exc)
+        return future
+
+    def wait_ready(self) -> None:
+        """Block until worker processes have started (no-op inline); for timing and tests."""
+        if self._pool is not None:
+            self._pool.wait_ready()
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes' ids (empty inline or on a GPU)."""
+        return self._pool.pids() if self._pool is not None else []
+
+    def close(self, cancel: bool = False) -> None:
+        """Finish queued work (or, with ``cancel``, drop it and kill the workers at once). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pool is not None:
+            self._pool.close(cancel)
+        if self._gpu is not None:
+            self._gpu.close(cancel)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the CRF runner is closed")
+
+    def __enter__(self) -> CRFRunner:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close(cancel=exc_type is not None)
+
+
+def _torch_device_name(device: Device) -> str:
+    """Where the torch backend would run for ``device`` ("cpu" or "cuda:N"), without importing torch
+    for an explicit CPU."""
+    if device.kind == "cpu":
+        return "cpu"
+    return str(device.torch_device())
