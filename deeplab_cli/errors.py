@@ -30,7 +30,32 @@ class ImageError(DeeplabError):
     """An input image cannot be read or decoded."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image whose header declares more pixels than the decoder's limit (refused before decoding)."""
+
+
 class DeviceError(DeeplabError):
     """The requested execution device (e.g. CUDA) is not usable."""
 
     exit_code = 2
+
+
+class InputError(DeeplabError):
+    """An input argument cannot be used (no such file, a pattern matching nothing, not a regular file)."""
+
+
+class OutputError(DeeplabError):
+    """An output cannot be written, or would land on an input; the message names the output path."""
+
+
+class CRFBackendError(UsageError):
+    """The requested CRF backend is not installed (the message gives the pip command)."""
+
+
+class StdoutClosed(DeeplabError):
+    """The reader of our stdout went away (``deeplab segment --json | head -1``): stop quietly.
+
+    Not an ``OSError`` on purpose: click swallows ``EPIPE`` itself (exit 1), before ``cli.main`` sees it.
+    """
+
+    exit_code = 141

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from deeplab_cli import paths
-from deeplab_cli.errors import ImageError
+from deeplab_cli.errors import ImageError, ImageTooLargeError
 
 # Refuse images above this many pixels (Pillow's own hard limit, about 13k x 13k, i.e. 179 megapixels,
 # which decode to 0.5 GB of RGB); $DEEPLAB_MAX_PIXELS overrides it (read once, at import).
@@ -135,7 +135,7 @@ def open_image(source: str | os.PathLike[str] | IO[bytes], max_pixels: int | Non
             width, height = image.size
             if width * height > limit:
                 image.close()
-                raise ImageError(
+                raise ImageTooLargeError(
                     f"{name}: image of {width}x{height} pixels exceeds the limit of {limit} pixels "
                     "(decompression-bomb guard; set DEEPLAB_MAX_PIXELS to raise it)"
                 )
@@ -224,7 +224,8 @@ def atomic_write(
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent)
+    # a short random name, whatever the target's length: names of 234-255 bytes must work too
+    fd, tmp_name = tempfile.mkstemp(prefix=".", suffix=TMP_SUFFIX, dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -271,11 +272,21 @@ def write_label_png(
     return write_bytes(path, encode_label_png(labels, palette), fsync=fsync)
 
 
+# The text chunk every label mask carries, so that a later run recognises the masks it wrote (and never
+# segments them as photos); ``deeplab_cli.batch.marks`` reads it back.
+MASK_TAG = ("Software", "deeplab-cli")
+
+
 def encode_label_png(labels: np.ndarray, palette: str | np.ndarray | None) -> bytes:
+    """A label map as PNG bytes (palette PNG, or 16-bit greyscale above 256 classes), tagged as ours."""
+    from PIL import PngImagePlugin
+
     from deeplab_cli.palette import label_image
 
+    info = PngImagePlugin.PngInfo()
+    info.add_text(*MASK_TAG)
     buffer = io.BytesIO()
-    label_image(labels, palette).save(buffer, format="PNG", compress_level=1)
+    label_image(labels, palette).save(buffer, format="PNG", compress_level=1, pnginfo=info)
     return buffer.getvalue()
 
 

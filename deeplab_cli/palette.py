@@ -112,6 +112,9 @@ def label_image(labels: np.ndarray, palette: str | np.ndarray | None) -> Image.I
     return Image.frombytes("I;16", (width, height), np.ascontiguousarray(labels, dtype="<u2").tobytes())
 
 
+OVERLAY_BAND_ROWS = 256
+
+
 def overlay(
     image: np.ndarray,
     labels: np.ndarray,
@@ -122,14 +125,18 @@ def overlay(
     """Blend the label colours onto an H x W x 3 uint8 RGB image: ``(1 - alpha) * image + alpha * colour``.
 
     Pixels of class ``background`` (e.g. 0 for VOC's "background"; ``None`` blends every class) keep the
-    original image.
+    original image. Computed in bands of rows, so the float scratch stays small for a 24-megapixel photo.
     """
     if image.shape[:2] != labels.shape:
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
-    colours = colorize(labels, palette)
-    blended = image.astype(np.float32) * (1.0 - alpha) + colours.astype(np.float32) * alpha
-    out = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
-    if background is not None:
-        keep = labels == background
-        out[keep] = image[keep]
+    out = np.empty(image.shape[:2] + (3,), dtype=np.uint8)
+    for top in range(0, labels.shape[0], OVERLAY_BAND_ROWS):
+        rows = slice(top, top + OVERLAY_BAND_ROWS)
+        band, band_labels = image[rows, :, :3], labels[rows]
+        colours = colorize(band_labels, palette)
+        blended = band.astype(np.float32) * (1.0 - alpha) + colours.astype(np.float32) * alpha
+        out[rows] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+        if background is not None:
+            keep = band_labels == background
+            out[rows][keep] = band[keep]
     return out

@@ -1,4 +1,4 @@
-"""The batch runner: input expansion, output naming, sharding, overlapped run, interruption."""
+"""The batch package on the real model: inputs, output names, shards, overlapped run, interruption."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from conftest import IMAGES, VOC2012, voc_sample_ids
 from PIL import Image
 
-from deeplab_cli import pipeline
+from deeplab_cli import batch as pipeline
+from deeplab_cli.batch import outputs as batch_outputs
 from deeplab_cli.errors import UsageError
 from deeplab_cli.files import TMP_SUFFIX
 from deeplab_cli.runtime import Segmenter
@@ -126,10 +127,10 @@ def test_shards_partition_the_inputs(tree: Path) -> None:
 
 
 def run(segmenter: Segmenter, items: list, out: Path, **options) -> tuple[pipeline.Summary, list]:
-    opts = pipeline.SegmentOptions(out_dir=out, **options)
+    opts = pipeline.SegmentOptions(**options)
     jobs = pipeline.plan_outputs(items, out, opts.kinds)
     records: list[pipeline.Record] = []
-    summary = pipeline.Pipeline(segmenter, opts, on_record=records.append).run(jobs)
+    summary = pipeline.Scheduler(segmenter, opts, on_record=records.append).run(jobs)
     return summary, records
 
 
@@ -174,7 +175,7 @@ def test_interrupted_writer_leaves_no_partial_files(
 ) -> None:
     items = [i for i in pipeline.expand_inputs([str(tree)]) if not i.path.endswith("bad.jpg")]
     out = tmp_path / "out"
-    original = pipeline.dio.write_label_png
+    original = batch_outputs.files.write_label_png
     calls = {"n": 0}
 
     def flaky(path, labels, palette, fsync=False):
@@ -185,13 +186,13 @@ def test_interrupted_writer_leaves_no_partial_files(
                 handle.write(b"\x89PNG half")
                 raise KeyboardInterrupt
 
-            return pipeline.dio.atomic_write(path, half)
+            return batch_outputs.files.atomic_write(path, half)
         return original(path, labels, palette, fsync=fsync)
 
-    monkeypatch.setattr(pipeline.dio, "write_label_png", flaky)
+    monkeypatch.setattr(batch_outputs.files, "write_label_png", flaky)
     with pytest.raises(KeyboardInterrupt):
         run(segmenter, items, out, workers=1)
-    monkeypatch.setattr(pipeline.dio, "write_label_png", original)
+    monkeypatch.setattr(batch_outputs.files, "write_label_png", original)
     written = sorted(out.rglob("*.png"))
     assert 0 < len(written) < len(items)
     assert not list(out.rglob("*" + TMP_SUFFIX))

@@ -52,7 +52,8 @@ def test_folder_with_subfolders_json_lines(photos: Path, tmp_path: Path, api: Se
         "b/c/3.jpg",
         "b/dog.bmp",
     ]
-    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert (out / ".deeplab-output").is_file()  # the output folder is marked as ours
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name[0] != ".")
     assert written == [
         "a/1.overlay.jpg", "a/1.png", "a/2.overlay.jpg", "a/2.png",
         "b/c/3.overlay.jpg", "b/c/3.png", "b/dog.overlay.jpg", "b/dog.png",
