@@ -272,7 +272,7 @@ def read_spec(path: Path) -> ModelSpec:
     except OSError as exc:
         raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
     except (DecodeError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(f"{path} is not a valid ONNX file (truncated or corrupt: {exc})") from exc
+        raise ModelFileError(f"{path} is not a valid ONNX file (truncated or corrupt)") from exc
     metadata = {entry.key: entry.value for entry in proto.metadata_props}
     return spec_from_metadata(metadata, path)
 

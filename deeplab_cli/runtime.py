@@ -200,9 +200,10 @@ def _resolve_model(model: str | ModelSpec | os.PathLike | None) -> tuple[ModelSp
     if model is not None:
         candidate = Path(model)
         if isinstance(model, os.PathLike) or candidate.suffix.lower() == ".onnx":
-            if not candidate.is_file():
-                raise UsageError(f"model file not found: {candidate}")
-            return None, candidate
+            from deeplab_cli.export import read_spec
+
+            # missing, unreadable, corrupt or not ours: one usage error (exit 2) before any image is read
+            return read_spec(candidate), candidate
     spec = get_model(model)  # raises ModelNotFoundError (a usage error) for unknown names
     return spec, _ensure(spec)
 
@@ -243,7 +244,10 @@ def create_session(
     try:
         session = ort.InferenceSession(os.fspath(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise WeightsError(f"{path}: cannot load ONNX model: {exc}") from exc
+        from deeplab_cli.weights import repair_hint
+
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WeightsError(f"{path}: cannot load ONNX model ({reason}){repair_hint(Path(path))}") from exc
     target.check_granted(session.get_providers())
     return session
 

@@ -330,6 +330,13 @@ def not_converted_error(spec: ModelSpec) -> WeightsError:
     )
 
 
+def repair_hint(path: Path) -> str:
+    """The remedy to append to a load error when ``path`` is a cached model's ONNX file, else ``""``."""
+    if path.parent.resolve() != paths.models_dir().resolve() or path.suffix != ".onnx":
+        return ""
+    return f"; run: deeplab weights fetch {path.stem} to check and convert it again"
+
+
 @dataclasses.dataclass(frozen=True)
 class ImportRequest:
     """Options for importing a file whose checksum no registry row knows."""
