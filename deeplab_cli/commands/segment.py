@@ -77,6 +77,22 @@ DEFAULT_OUT = "deeplab-out"
     "[default: 2 on a CPU with 2+ cores, 1 on CUDA].",
 )
 @crf_options
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process; ray: Ray Data (the [ray] extra), on --ray-address or a local Ray.",
+)
+@click.option(
+    "--ray-address", default=None, help="Ray cluster to join (auto: the one `ray start` runs here)."
+)
+@click.option(
+    "--concurrency", default=0, type=click.IntRange(min=0), help="Ray inference actors [default: auto]."
+)
+@click.option(
+    "--gpus-per-worker", default=0.0, type=click.FloatRange(min=0), help="GPUs per Ray inference actor."
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json lines).")
 @click.option("-v", "--verbose", is_flag=True, help="Print one line per input on stderr.")
 @click.pass_context
@@ -99,6 +115,10 @@ def segment(
     workers: int,
     sessions: int,
     crf: CRFChoice,
+    engine: str,
+    ray_address: str | None,
+    concurrency: int,
+    gpus_per_worker: float,
     quiet: bool,
     verbose: bool,
 ) -> None:
@@ -123,6 +143,12 @@ def segment(
     """
     from deeplab_cli.batch import SegmentOptions, parse_shard, segment_files
 
+    if engine == "ray":  # same options, records and exit codes; the driver only plans (CPU, no CRF pool)
+        from deeplab_cli.ray import command_engine
+
+        segment_files, device, sessions, crf = command_engine(
+            output, device, crf, ray_address, concurrency, gpus_per_worker
+        )
     to_stdout = output == "-"
     if to_stdout and (as_json or overlay or scores or not mask):
         raise UsageError(

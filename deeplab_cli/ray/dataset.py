@@ -1,0 +1,164 @@
+"""``segment_dataset``: DeepLab as two stages of a user's own Ray Data pipeline.
+
+    import ray
+    from deeplab_cli.ray import segment_dataset
+
+    ds = ray.data.read_images("s3://bucket/photos/", include_paths=True, mode="RGB")
+    ds = segment_dataset(ds, model="deeplabv3-mnv2-voc", crf=True)
+    ds.write_parquet("s3://bucket/masks/")   # columns: image, path, label (H x W uint8)
+
+Inference runs in an actor pool (one ONNX Runtime session per actor); the upsampling and the CRF in
+CPU actors of their own, so GPU actors never wait on the CRF.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from deeplab_cli.crf import CRFParams
+from deeplab_cli.errors import UsageError
+from deeplab_cli.ray.cluster import quiet_ray_data, require_ray
+from deeplab_cli.ray.stages import ModelShipment
+
+HIDDEN = "_deeplab"  # the column carrying geometry and logits from inference to the finish stage
+
+
+def segment_dataset(
+    ds: Any,
+    model: str | None = None,
+    crf: bool | CRFParams | Mapping[str, float] | None = None,
+    *,
+    image_column: str = "image",
+    scores: bool = False,
+    batch_size: int = 1,
+    max_size: int | None = 2048,
+    concurrency: int = 1,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
+    finish_concurrency: int = 1,
+    crf_backend: str = "auto",
+) -> Any:
+    """Add a ``label`` column (H x W class indices at each image's size) to a dataset of RGB images.
+
+    ``crf``: True for the model's CRF defaults, a mapping of overrides, or :class:`CRFParams`.
+    ``scores``: also add ``score``, the C x H x W float32 probabilities (after the CRF, when on).
+    """
+    require_ray()
+    quiet_ray_data()
+    from deeplab_cli.runtime import Segmenter
+
+    segmenter = Segmenter(model, device="cpu", batch_size=batch_size, max_size=max_size)
+    params = _crf_params(segmenter.spec, crf)
+    shipment = ModelShipment.from_segmenter(segmenter)
+    gpu = gpus_per_worker > 0
+    ds = ds.map_batches(
+        DatasetInfer,
+        fn_constructor_kwargs={
+            "model": shipment,
+            "device": "cuda" if gpu else "cpu",
+            "threads": max(1, int(cpus_per_worker)),
+            "image_column": image_column,
+        },
+        batch_size=batch_size,
+        concurrency=concurrency,
+        num_cpus=0 if gpu else cpus_per_worker,
+        num_gpus=gpus_per_worker if gpu else None,
+        batch_format="numpy",
+    )
+    return ds.map_batches(
+        DatasetFinish,
+        fn_constructor_kwargs={
+            "model": shipment,
+            "crf": params,
+            "crf_backend": crf_backend,
+            "scores": scores,
+            "image_column": image_column,
+        },
+        batch_size=1,
+        concurrency=finish_concurrency,
+        num_cpus=1,
+        batch_format="numpy",
+    ).drop_columns([HIDDEN])
+
+
+def _crf_params(spec: Any, crf: bool | CRFParams | Mapping[str, float] | None) -> CRFParams | None:
+    if crf is None or crf is False:
+        return None
+    if isinstance(crf, CRFParams):
+        return crf
+    from deeplab_cli.tuning import resolve_crf_params
+
+    try:
+        return resolve_crf_params(spec, None, {} if crf is True else dict(crf))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _images(batch: dict[str, np.ndarray], column: str) -> list[np.ndarray]:
+    if column not in batch:
+        raise UsageError(f"segment_dataset: no column {column!r} (columns: {', '.join(batch)})")
+    return [np.asarray(image) for image in batch[column]]
+
+
+def _objects(values: list[Any]) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
+
+
+class DatasetInfer:
+    """Actor: prepare + one ONNX Runtime run per same-padded-size group; logits to the next stage."""
+
+    def __init__(self, model: ModelShipment, device: str, threads: int, image_column: str) -> None:
+        self.segmenter = model.load(device, threads)
+        self.image_column = image_column
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prepared = [self.segmenter.prepare(image) for image in _images(batch, self.image_column)]
+        logits: list[np.ndarray | None] = [None] * len(prepared)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for position, item in enumerate(prepared):
+            groups.setdefault(item.padded_size, []).append(position)
+        for positions in groups.values():
+            outputs = self.segmenter.run([prepared[p] for p in positions])
+            for position, scores in zip(positions, outputs, strict=True):
+                logits[position] = scores
+        hidden = [
+            pickle.dumps(pair, protocol=pickle.HIGHEST_PROTOCOL)
+            for pair in zip(prepared, logits, strict=True)
+        ]
+        return {**batch, HIDDEN: _objects(hidden)}
+
+
+class DatasetFinish:
+    """CPU actor: upsample to each image's size, the CRF when asked, the label (and score) columns."""
+
+    def __init__(
+        self, model: ModelShipment, crf: CRFParams | None, crf_backend: str, scores: bool, image_column: str
+    ) -> None:
+        self.segmenter = model.load("cpu", threads=1)
+        self.crf, self.crf_backend, self.scores = crf, crf_backend, scores
+        self.image_column = image_column
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from deeplab_cli.crf import refine
+
+        labels, probs = [], []
+        for image, hidden in zip(_images(batch, self.image_column), batch[HIDDEN], strict=True):
+            prepared, logits = pickle.loads(hidden)
+            need_probs = self.scores or self.crf is not None
+            prediction = self.segmenter.finish(prepared, logits, return_probs=need_probs)
+            if self.crf is not None:
+                original = np.ascontiguousarray(np.asarray(image)[:, :, :3], dtype=np.uint8)
+                prediction.probs = refine(original, prediction.probs, self.crf, backend=self.crf_backend)
+                prediction.labels = prediction.probs.argmax(axis=0).astype(prediction.labels.dtype)
+            labels.append(prediction.labels)
+            probs.append(prediction.probs)
+        out = {**batch, "label": _objects(labels)}
+        if self.scores:
+            out["score"] = _objects(probs)
+        return out

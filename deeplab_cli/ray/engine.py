@@ -1,0 +1,207 @@
+"""``deeplab segment --engine ray``: the local engine's jobs, outputs and records, run on Ray Data.
+
+Early records (inputs that do not exist, outputs already there with ``--skip-existing``) are decided
+on the driver, as locally; the rest flow decode -> infer -> finish through Ray Data, which preserves
+their order, and are merged back so ``on_record`` sees every input once, in input order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pickle
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from deeplab_cli.batch import (
+    Job,
+    Record,
+    Refiner,
+    Scheduler,
+    SegmenterLike,
+    SegmentOptions,
+    Summary,
+    plan_jobs,
+)
+from deeplab_cli.errors import UsageError
+from deeplab_cli.ray import stages
+from deeplab_cli.ray.cluster import connected, require_ray
+
+# Inputs per block of the source dataset: small blocks keep every stage streaming a few images at a time.
+IMAGES_PER_BLOCK = 4
+MAX_BLOCKS = 4096
+CRFChoiceLike = TypeVar("CRFChoiceLike")  # commands.options.CRFChoice (commands sit above us)
+STDOUT_REFUSAL = "--engine ray writes to an output folder: -o - is for the local engine"
+
+
+@dataclass
+class RayOptions:
+    """Where and how wide to run (the ``--ray-address``, ``--concurrency``, ``--gpus-per-worker`` flags)."""
+
+    address: str | None = None  # None: start a local Ray for this run (or use the one this process joined)
+    concurrency: int = 0  # inference actors; 0 = one per GPU share, else one per CPU but one
+    gpus_per_worker: float = 0.0  # > 0: inference actors on GPUs; the CRF and writing stay on CPUs
+    cpus_per_worker: float = 1.0  # CPUs (and ONNX Runtime threads) per CPU inference actor
+    num_cpus: int | None = None  # CPUs of a local Ray (default: this machine's)
+
+
+class RayPipeline:
+    """The Ray counterpart of :class:`deeplab_cli.batch.Scheduler`: ``run(jobs) -> Summary``."""
+
+    def __init__(
+        self,
+        segmenter: SegmenterLike,
+        options: SegmentOptions,
+        crf: Refiner | None = None,
+        on_record: Callable[[Record], None] | None = None,
+        on_progress: Callable[[int], None] | None = None,
+        ray_options: RayOptions | None = None,
+    ) -> None:
+        self.segmenter = segmenter
+        self.options = options
+        self.crf = crf
+        self.ray_options = ray_options or RayOptions()
+        self.on_record = on_record or (lambda record: None)
+        self.on_progress = on_progress or (lambda n: None)
+
+    def run(self, jobs: Iterable[Job]) -> Summary:
+        """Process every job; failures are records (exit 1 at the command), never an aborted run."""
+        jobs = list(jobs)
+        if any(not job.outputs and job.error is None for job in jobs):
+            raise UsageError(STDOUT_REFUSAL)
+        start = time.perf_counter()
+        summary = Summary()
+        local = Scheduler(self.segmenter, self.options)  # its skip and input-error rules, on the driver
+        with connected(self.ray_options.address, self.ray_options.num_cpus) as ray:
+            early = [local._early_record(job) for job in jobs]
+            todo = [job for job, record in zip(jobs, early, strict=True) if record is None]
+            finished = self._records(ray, todo) if todo else iter(())
+            for record in early:
+                record = record or next(finished)
+                summary.add(record)
+                self.on_record(record)
+                self.on_progress(1)
+        summary.elapsed = time.perf_counter() - start
+        return summary
+
+    def _records(self, ray: Any, jobs: list[Job]) -> Iterator[Record]:
+        """The records of ``jobs``, in their order, as the dataset yields them."""
+        dataset = build_dataset(ray, jobs, self.segmenter, self.options, self.crf, self.ray_options)
+        for row in dataset.iter_rows():
+            yield pickle.loads(row["blob"])["record"]
+
+
+def build_dataset(
+    ray: Any,
+    jobs: list[Job],
+    segmenter: Any,
+    options: SegmentOptions,
+    crf: Refiner | None,
+    ray_options: RayOptions,
+) -> Any:
+    """The lazy Ray dataset: decode (CPU tasks) -> infer (actor pool) -> finish and write (CPU actors)."""
+    model = stages.ModelShipment.from_segmenter(segmenter)
+    options = dataclasses.replace(options, stdin=None, stdout_stream=None)  # streams stay on the driver
+    rows = [stages.pack(position, job=job) for position, job in enumerate(jobs)]
+    blocks = min(MAX_BLOCKS, math.ceil(len(rows) / IMAGES_PER_BLOCK))
+    infer_actors, finish_actors = pool_sizes(ray, ray_options, crf is not None)
+    gpu = ray_options.gpus_per_worker > 0
+    dataset = ray.data.from_items(rows, override_num_blocks=blocks)
+    dataset = dataset.map(stages.decode_row, num_cpus=0.25)
+    dataset = dataset.map_batches(
+        stages.Infer,
+        fn_constructor_kwargs={
+            "model": model,
+            "device": "cuda" if gpu else "cpu",
+            "threads": max(1, int(ray_options.cpus_per_worker)),
+        },
+        batch_size=max(segmenter.batch_size, 1),
+        concurrency=infer_actors,
+        num_cpus=0 if gpu else ray_options.cpus_per_worker,
+        num_gpus=ray_options.gpus_per_worker if gpu else None,
+        batch_format="numpy",
+        zero_copy_batch=True,
+    )
+    return dataset.map_batches(
+        stages.Finish,
+        fn_constructor_kwargs={
+            "model": model,
+            "options": options,
+            "crf": getattr(crf, "params", None),
+            "crf_backend": getattr(crf, "backend", "auto"),
+        },
+        batch_size=1,
+        concurrency=finish_actors,
+        num_cpus=0.5,
+        batch_format="numpy",
+        zero_copy_batch=True,
+    )
+
+
+def pool_sizes(ray: Any, ray_options: RayOptions, crf: bool) -> tuple[int, int]:
+    """(inference actors, finish actors). CPU inference leaves a core for decoding and writing; finish
+    actors take half a CPU each, two per spare core with the CRF (it costs more than the network)."""
+    resources = ray.cluster_resources()
+    cpus = max(1, int(resources.get("CPU", 1)))
+    if ray_options.concurrency:
+        infer = ray_options.concurrency
+    elif ray_options.gpus_per_worker > 0:
+        infer = max(1, int(resources.get("GPU", 0) / ray_options.gpus_per_worker))
+    else:
+        infer = max(1, int((cpus - 1) / ray_options.cpus_per_worker))
+    spare = cpus if ray_options.gpus_per_worker > 0 else max(1, cpus - infer)
+    return infer, max(1, 2 * spare if crf else spare)
+
+
+def segment_files_ray(
+    inputs: list[str],
+    out: Path | None,
+    options: SegmentOptions,
+    segmenter: SegmenterLike,
+    crf: Refiner | None = None,
+    on_record: Callable[[Record], None] | None = None,
+    on_notice: Callable[[str], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    *,
+    ray_options: RayOptions | None = None,
+) -> Summary:
+    """:func:`deeplab_cli.batch.segment_files` on Ray: same inputs, names, records and skip rules.
+
+    ``crf``: a ``CRFRunner`` whose parameters and backend the finish actors use (each runs it inline,
+    one thread); create it with ``workers=0``, the driver does no CRF work itself.
+    """
+    if out is None:
+        raise UsageError(STDOUT_REFUSAL)
+    jobs = plan_jobs(inputs, out, options, on_notice)
+    if on_start is not None:
+        on_start(len(jobs))
+    pipeline = RayPipeline(
+        segmenter, options, crf=crf, on_record=on_record, on_progress=on_progress, ray_options=ray_options
+    )
+    return pipeline.run(jobs)
+
+
+def command_engine(
+    output: str,
+    device: str,
+    crf: CRFChoiceLike,
+    address: str | None,
+    concurrency: int,
+    gpus_per_worker: float,
+) -> tuple[Callable[..., Summary], str, int, CRFChoiceLike]:
+    """What ``deeplab segment --engine ray`` swaps in: (segment_files, driver device, driver sessions, crf).
+
+    Checked before anything is converted or read: Ray installed (exit 2 with the pip command), an
+    output folder. The driver only plans and merges records, so its model and CRF stay on one CPU.
+    """
+    require_ray()
+    if output == "-":
+        raise UsageError(STDOUT_REFUSAL)
+    ray_options = RayOptions(address, concurrency=concurrency, gpus_per_worker=gpus_per_worker)
+    segment = functools.partial(segment_files_ray, ray_options=ray_options)
+    return segment, "cpu", 1, dataclasses.replace(crf, workers=0)
