@@ -1,58 +1,68 @@
 """Evaluate a model over a dataset split: confusion matrices without and with the dense CRF, trimap bands.
 
 One pass over the split: each image is run once through the network (optionally at several scales and
-mirrored); the probabilities feed both the plain argmax and the CRF, so the two scores compare the same
-network output. Reading and decoding the image and its ground truth, and the trimap distance transform,
-happen in a read-ahead thread while the network runs; CRF work goes to a pool of processes when one is
-available.
-
-Multi-scale inference follows DeepLab v2: the image is resized (Pillow, bilinear) by each scale, run, its
-logits are upsampled to the original size (align-corners geometry of the padded input), and the score
-maps are fused by their element-wise maximum. ``flip`` adds the left-right mirrored image at every scale
-and averages its (mirrored back) logits with the unmirrored ones before fusion.
+mirrored, by ``Segmenter.scores``, which applies the model's upstream resize protocol); the probabilities
+feed both the plain argmax and the CRF, so the two scores compare the same network output. Reading and
+decoding the image and its ground truth, and the trimap distance transform, happen in a read-ahead thread
+while the network runs; the CRF runs in a :class:`~deeplab_cli.crf.runner.CRFRunner` (worker processes,
+inline or on a GPU) given by the caller, so it overlaps with the network.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image
 
 from deeplab_cli.datasets import Dataset, Sample
 from deeplab_cli.errors import DeeplabError, ImageError, UsageError
-from deeplab_cli.metrics import TRIMAP_MAX_WIDTH, Band, ConfusionMatrix, TrimapAccumulator, trimap_band
+from deeplab_cli.geometry import labels_of, softmax
+from deeplab_cli.metrics import (
+    TRIMAP_MAX_WIDTH,
+    Band,
+    ConfusionMatrix,
+    LabelError,
+    TrimapAccumulator,
+    trimap_band,
+)
+
+if TYPE_CHECKING:
+    from deeplab_cli.crf.runner import CRFRunner
+    from deeplab_cli.zoo import ModelSpec
 
 READ_AHEAD = 3
 
 
+class ScoringModel(Protocol):
+    """What evaluation needs of a model (``runtime.Segmenter``, or a fake one in tests)."""
+
+    spec: ModelSpec
+
+    def scores(
+        self, image: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = False
+    ) -> tuple[np.ndarray, dict[str, float]]: ...
+
+    def describe_protocol(self) -> str: ...
+
+
 @dataclass
 class EvalOptions:
-    """How to run the network and the CRF during evaluation."""
+    """How to run the network during evaluation (the CRF is the runner passed to :func:`evaluate`)."""
 
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
-    crf: Any = None  # deeplab_cli.crf.CRFParams, or None for no CRF
-    crf_backend: str = "auto"
-    crf_device: str = "cpu"
-    crf_workers: int | None = None  # None: automatic; 0: run the CRF inline
     trimap_width: int = TRIMAP_MAX_WIDTH
     save_masks: Path | None = None
-
-
-@dataclass
-class Scores:
-    """One (possibly fused) network output at the original image size."""
-
-    logits: np.ndarray  # C x H x W float32
-    infer_s: float  # seconds in the network
-    upsample_s: float  # seconds upsampling and fusing
 
 
 @dataclass
@@ -92,13 +102,13 @@ class EvalResult:
     options: EvalOptions
     plain: Split
     crf: Split | None
+    protocol: dict[str, Any] = field(default_factory=dict)
+    crf_params: dict[str, Any] | None = None
+    crf_backend: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         names = list(self.class_names)
-        crf_params = None
-        if self.options.crf is not None:
-            crf_params = _params_dict(self.options.crf)
         wall = self.timings.get("wall_s", 0.0)
         return {
             "model": self.model,
@@ -106,9 +116,11 @@ class EvalResult:
             "split": self.split,
             "images": self.images,
             "missing": self.missing,
+            "protocol": self.protocol,
             "scales": list(self.options.scales),
             "flip": self.options.flip,
-            "crf_params": crf_params,
+            "crf_params": self.crf_params,
+            "crf_backend": self.crf_backend,
             "class_names": names,
             "no_crf": self.plain.summary(names),
             "crf": self.crf.summary(names) if self.crf else None,
@@ -117,84 +129,38 @@ class EvalResult:
         }
 
 
-def _params_dict(params: Any) -> dict[str, Any]:
-    import dataclasses
-
-    if dataclasses.is_dataclass(params):
-        return dataclasses.asdict(params)
-    return dict(vars(params))
-
-
-# -- network output ---------------------------------------------------------------------------------------
+def protocol_record(model: ScoringModel) -> dict[str, Any]:
+    """The resize/padding protocol the model was run with, for the JSON (fields and one line of text)."""
+    protocol = getattr(model.spec, "protocol", None)
+    fields = dataclasses.asdict(protocol) if dataclasses.is_dataclass(protocol) else {}
+    return {**fields, "text": model.describe_protocol()}
 
 
-def upsample_logits(
-    logits: np.ndarray, image_size: tuple[int, int], input_size: tuple[int, int], padded_size: tuple[int, int]
-) -> np.ndarray:
-    """C x h x w logits of a padded network input -> C x H x W at the original image size.
+def check_writable(*paths: Path | None) -> None:
+    """Fail now, with one line (exit 2), if a result could not be written to one of ``paths`` later.
 
-    Bilinear with align-corners geometry on the padded input, cropped to the ``input_size`` box and (when
-    the image was resized) resampled by pixel centres to ``image_size``: the runtime's geometry.
+    Expensive runs (a whole split, a parameter search) must not end in a lost result. The check creates
+    and removes a temporary file in the target's folder (or its nearest existing ancestor, as the writer
+    creates missing folders): permission bits alone do not tell a read-only mount or a path under a file.
     """
-    from deeplab_cli.runtime import interpolation_matrix
-
-    channels, lh, lw = logits.shape
-    ry = interpolation_matrix(image_size[0], input_size[0], padded_size[0], lh)
-    rx_t = np.ascontiguousarray(interpolation_matrix(image_size[1], input_size[1], padded_size[1], lw).T)
-    columns = (np.ascontiguousarray(logits, dtype=np.float32).reshape(channels * lh, lw) @ rx_t).reshape(
-        channels, lh, image_size[1]
-    )
-    out = np.empty((channels, image_size[0], image_size[1]), dtype=np.float32)
-    for c in range(channels):  # one BLAS call per class: faster than numpy's broadcast matmul
-        np.matmul(ry, columns[c], out=out[c])
-    return out
-
-
-def softmax(scores: np.ndarray, axis: int = 0) -> np.ndarray:
-    """Softmax along ``axis`` (float32, numerically stable)."""
-    shifted = scores - scores.max(axis=axis, keepdims=True)
-    np.exp(shifted, out=shifted)
-    shifted /= shifted.sum(axis=axis, keepdims=True)
-    return shifted
-
-
-def network_scores(
-    segmenter: Any, rgb: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = False
-) -> Scores:
-    """Logits at the original size, fused over ``scales`` (max) and mirroring (mean)."""
-    height, width = rgb.shape[:2]
-    fused: np.ndarray | None = None
-    infer_s = upsample_s = 0.0
-    for scale in scales:
-        if scale <= 0:
-            raise UsageError(f"scales must be positive, got {scale}")
-        scaled = rgb
-        if scale != 1.0:
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            scaled = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
-        inputs = [scaled, np.ascontiguousarray(scaled[:, ::-1])] if flip else [scaled]
-        prepared = [segmenter.prepare(image) for image in inputs]
-        start = time.perf_counter()
-        logits = segmenter.run(prepared)  # the image and its mirror share one padded size: one batch
-        middle = time.perf_counter()
-        maps = [
-            upsample_logits(logits[k], (height, width), item.input_size, item.padded_size)
-            for k, item in enumerate(prepared)
-        ]
-        if flip:
-            maps[0] += maps[1][:, :, ::-1]
-            maps[0] *= 0.5
-        fused = maps[0] if fused is None else np.maximum(fused, maps[0], out=fused)
-        infer_s += middle - start
-        upsample_s += time.perf_counter() - middle
-    assert fused is not None
-    return Scores(fused, infer_s, upsample_s)
-
-
-def labels_of(scores: np.ndarray) -> np.ndarray:
-    """Argmax over classes as uint8 (uint16 above 256 classes)."""
-    dtype = np.uint8 if scores.shape[0] <= 256 else np.uint16
-    return scores.argmax(axis=0).astype(dtype)
+    for path in paths:
+        if path is None:
+            continue
+        target = Path(path)
+        if target.is_dir():
+            raise UsageError(f"cannot write {target}: it is a folder")
+        folder = target.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            if not folder.is_dir():
+                raise NotADirectoryError(20, "not a folder", str(folder))
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".deeplab-probe-"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"cannot write {target}: {exc.strerror or exc}") from None
+        if target.exists() and not os.access(target, os.W_OK):
+            raise UsageError(f"cannot write {target}: permission denied")
 
 
 # -- reading ----------------------------------------------------------------------------------------------
@@ -220,8 +186,20 @@ def _load(dataset: Dataset, sample: Sample, width: int) -> Loaded:
             f"{sample.id}: image {rgb.shape[1]}x{rgb.shape[0]} and ground truth "
             f"{label.shape[1]}x{label.shape[0]} differ in size"
         )
+    _check_label_range(label, dataset, sample.id)
     band = trimap_band(label, width, dataset.ignore_index)
     return Loaded(sample, rgb, label, band, time.perf_counter() - start)
+
+
+def _check_label_range(label: np.ndarray, dataset: Dataset, sample_id: str) -> None:
+    """A ground-truth label that is neither a class nor the ignore value is a broken dataset: one line."""
+    values = np.unique(label)
+    bad = [int(v) for v in values if v != dataset.ignore_index and (v < 0 or v >= dataset.num_classes)]
+    if bad:
+        raise LabelError(
+            f"{sample_id}: ground truth has label(s) {', '.join(map(str, bad[:5]))} outside the class range "
+            f"0..{dataset.num_classes - 1} (and not the ignore value {dataset.ignore_index})"
+        )
 
 
 def read_ahead(dataset: Dataset, width: int, depth: int = READ_AHEAD) -> Iterator[Loaded]:
@@ -241,60 +219,6 @@ def read_ahead(dataset: Dataset, width: int, depth: int = READ_AHEAD) -> Iterato
             yield loaded
 
 
-# -- CRF --------------------------------------------------------------------------------------------------
-
-
-class _InlineCRF:
-    """Runs the CRF in the calling thread (no worker processes)."""
-
-    def __init__(self, params: Any, backend: str, device: str):
-        from deeplab_cli.crf import refine
-
-        self._refine = refine
-        self.params, self.backend, self.device = params, backend, device
-
-    def submit(self, image: np.ndarray, probs: np.ndarray) -> Future[np.ndarray]:
-        future: Future[np.ndarray] = Future()
-        future.set_result(self._refine(image, probs, self.params, backend=self.backend, device=self.device))
-        return future
-
-    def close(self, cancel: bool = False) -> None:
-        pass
-
-
-def _crf_runner(options: EvalOptions) -> Any:
-    """A CRF worker pool (processes) when more than one worker is useful, else inline."""
-    workers = options.crf_workers
-    if workers is None:
-        import os
-
-        workers = (os.cpu_count() or 1) if options.crf_device == "cpu" else 0
-    if workers and workers > 1:
-        try:
-            from deeplab_cli.crf.workers import CRFWorkerPool
-        except ImportError:
-            pass
-        else:
-            return _PoolCRF(CRFWorkerPool, options, workers)
-    return _InlineCRF(options.crf, options.crf_backend, options.crf_device)
-
-
-class _PoolCRF:
-    """CRF in worker processes (:class:`deeplab_cli.crf.workers.CRFWorkerPool`), one thread each."""
-
-    def __init__(self, pool_class: Any, options: EvalOptions, workers: int):
-        self.pool = pool_class(
-            options.crf, backend=options.crf_backend, processes=workers, threads=1, device=options.crf_device
-        )
-        self.workers = workers
-
-    def submit(self, image: np.ndarray, probs: np.ndarray) -> Future[np.ndarray]:
-        return self.pool.submit(image, probs)
-
-    def close(self, cancel: bool = False) -> None:
-        self.pool.close(cancel=cancel)
-
-
 # -- the loop ---------------------------------------------------------------------------------------------
 
 
@@ -306,12 +230,17 @@ def _new_split(num_classes: int, dataset: Dataset, width: int) -> Split:
 
 
 def evaluate(
-    segmenter: Any,
+    segmenter: ScoringModel,
     dataset: Dataset,
     options: EvalOptions | None = None,
+    crf: CRFRunner | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> EvalResult:
-    """Run ``segmenter`` over ``dataset`` and score it (and its CRF refinement when ``options.crf``)."""
+    """Run ``segmenter`` over ``dataset`` and score it, and its CRF refinement when ``crf`` is given.
+
+    CRF work is submitted to the runner and collected a few images later, so the network keeps running
+    while workers refine. On an error or an interrupt, queued CRF work is dropped and the workers stopped.
+    """
     options = options or EvalOptions()
     spec = segmenter.spec
     num_classes = spec.num_classes
@@ -321,55 +250,52 @@ def evaluate(
             f"choose a {dataset.name} model"
         )
     plain = _new_split(num_classes, dataset, options.trimap_width)
-    crf = _new_split(num_classes, dataset, options.trimap_width) if options.crf is not None else None
+    refined = _new_split(num_classes, dataset, options.trimap_width) if crf is not None else None
     timings = dict.fromkeys(("read_s", "infer_s", "upsample_s", "crf_s", "metrics_s", "save_s"), 0.0)
-    runner = _crf_runner(options) if options.crf is not None else None
-    pending: deque[tuple[Loaded, Future[np.ndarray], float]] = deque()
-    window = max(2, getattr(runner, "workers", 2) * 2) if runner else 0
+    pending: deque[tuple[Loaded, Future[np.ndarray]]] = deque()
+    window = max(2, 2 * crf.workers) if crf is not None else 0
     start = time.perf_counter()
     count = 0
 
-    def finish_crf(block: bool) -> None:
+    def collect(block: bool) -> None:
         while pending and (block or pending[0][1].done() or len(pending) > window):
-            loaded, future, _ = pending.popleft()
+            loaded, future = pending.popleft()
             tic = time.perf_counter()
-            refined = future.result()
+            pred = labels_of(future.result())
             timings["crf_s"] += time.perf_counter() - tic  # time the main thread waits for the CRF
-            pred = labels_of(refined)
             tic = time.perf_counter()
-            crf.update(loaded.label, pred, loaded.band)
+            assert refined is not None
+            refined.update(loaded.label, pred, loaded.band)
             timings["metrics_s"] += time.perf_counter() - tic
             _save(options.save_masks, "crf", loaded.sample.id, pred, spec.palette, timings)
 
     try:
         for loaded in read_ahead(dataset, options.trimap_width):
             timings["read_s"] += loaded.seconds
-            scores = network_scores(segmenter, loaded.rgb, options.scales, options.flip)
-            timings["infer_s"] += scores.infer_s
-            timings["upsample_s"] += scores.upsample_s
+            logits, spent = segmenter.scores(loaded.rgb, options.scales, options.flip)
+            timings["infer_s"] += spent.get("infer", 0.0)
+            timings["upsample_s"] += spent.get("upsample", 0.0)
             tic = time.perf_counter()
-            pred = labels_of(scores.logits)
+            pred = labels_of(logits)
             plain.update(loaded.label, pred, loaded.band)
             timings["metrics_s"] += time.perf_counter() - tic
             _save(options.save_masks, None, loaded.sample.id, pred, spec.palette, timings)
-            if runner is not None:
+            if crf is not None:
                 tic = time.perf_counter()
-                probs = softmax(scores.logits)
+                probs = softmax(logits, out=logits)
                 timings["upsample_s"] += time.perf_counter() - tic
                 tic = time.perf_counter()
-                pending.append((loaded, runner.submit(loaded.rgb, probs), tic))
+                pending.append((loaded, crf.submit(loaded.rgb, probs)))
                 timings["crf_s"] += time.perf_counter() - tic
-                finish_crf(block=False)
+                collect(block=False)
             count += 1
             if progress:
                 progress(loaded.sample.id)
-        finish_crf(block=True)
+        collect(block=True)
     except BaseException:
-        if runner is not None:
-            runner.close(cancel=True)  # an error or Ctrl-C: drop queued CRF work
+        if crf is not None:
+            crf.close(cancel=True)  # an error or Ctrl-C: drop queued CRF work, stop the workers now
         raise
-    if runner is not None:
-        runner.close()
     timings["wall_s"] = time.perf_counter() - start
     return EvalResult(
         model=spec.name,
@@ -380,7 +306,10 @@ def evaluate(
         missing=list(dataset.missing),
         options=options,
         plain=plain,
-        crf=crf,
+        crf=refined,
+        protocol=protocol_record(segmenter),
+        crf_params=crf.params.to_dict() if crf is not None else None,
+        crf_backend=crf.describe() if crf is not None else None,
         timings=timings,
     )
 

@@ -24,7 +24,13 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-IGNORE_INDEX = 255
+from deeplab_cli.errors import DeeplabError
+
+IGNORE_INDEX = 255  # the "void" label of VOC-style ground truth: not scored (the one definition)
+
+
+class LabelError(DeeplabError, ValueError):
+    """Ground truth and prediction do not fit together (shape, or a label outside the class range)."""
 TRIMAP_MAX_WIDTH = 40
 
 
@@ -34,7 +40,7 @@ def _nan_to_none(values: np.ndarray) -> list[float | None]:
 
 def _check_pair(gt: np.ndarray, pred: np.ndarray) -> None:
     if gt.shape != pred.shape:
-        raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
+        raise LabelError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
 
 
 class ConfusionMatrix:
@@ -57,9 +63,12 @@ class ConfusionMatrix:
         pred_valid = pred[valid].astype(np.int64)
         if gt_valid.size and (gt_valid.min() < 0 or gt_valid.max() >= n):
             bad = sorted({int(v) for v in np.unique(gt_valid) if v < 0 or v >= n})
-            raise ValueError(f"ground-truth labels {bad} are outside 0..{n - 1} and not {self.ignore_index}")
+            raise LabelError(
+                f"ground-truth label(s) {', '.join(map(str, bad))} outside the class range 0..{n - 1} "
+                f"(and not the ignore value {self.ignore_index})"
+            )
         if pred_valid.size and (pred_valid.min() < 0 or pred_valid.max() >= n):
-            raise ValueError(f"predicted labels outside 0..{n - 1}")
+            raise LabelError(f"predicted labels outside 0..{n - 1}")
         self.matrix += np.bincount(gt_valid * n + pred_valid, minlength=n * n).reshape(n, n)
 
     def merge(self, other: ConfusionMatrix) -> None:

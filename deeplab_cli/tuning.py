@@ -11,8 +11,10 @@ temperature on the network's log-probabilities):
 3. stage "fine" scores a grid one step either side of the best coarse point (:data:`FINE_STEPS`);
 4. stage "unary" scores :data:`UNARY_SCALES` at the best point.
 
-Candidates run in parallel worker processes, one task per image scoring every candidate of a stage, so an
-image is read once per stage. The score is the mIoU over the images (one confusion matrix per candidate).
+Candidates run in the CRF runner's worker processes (one task per image and candidate; an image is read
+once per stage). The score is the mIoU over the images (one confusion matrix per candidate). The search
+grid is validated before the network runs, so a typo costs nothing. Parameter files and their resolution
+live in :mod:`deeplab_cli.crf.params`.
 """
 
 from __future__ import annotations
@@ -21,16 +23,22 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deeplab_cli.crf.params import PARAM_NAMES, CRFParams
 from deeplab_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from deeplab_cli.crf.runner import CRFRunner
+    from deeplab_cli.datasets import Dataset
+    from deeplab_cli.evaluate import ScoringModel
 
 FIXED = {"pos_w": 3.0, "pos_xy_std": 3.0}
 COARSE_GRID: dict[str, tuple[float, ...]] = {
@@ -40,67 +48,9 @@ COARSE_GRID: dict[str, tuple[float, ...]] = {
 }
 FINE_STEPS: dict[str, float] = {"bi_w": 1.0, "bi_xy_std": 15.0, "bi_rgb_std": 1.0}
 UNARY_SCALES: tuple[float, ...] = (0.6, 0.8, 1.0, 1.25)
-PARAM_NAMES = ("iterations", "pos_w", "pos_xy_std", "bi_w", "bi_xy_std", "bi_rgb_std", "unary_scale")
 
 
-# -- parameter files --------------------------------------------------------------------------------------
-
-
-def _crf_params_class() -> Any:
-    from deeplab_cli.crf.params import CRFParams
-
-    return CRFParams
-
-
-def make_params(values: Mapping[str, Any]) -> Any:
-    """A ``CRFParams`` from a mapping (unknown keys ignored, missing ones take the class defaults)."""
-    cls = _crf_params_class()
-    known = {f.name for f in dataclasses.fields(cls)}
-    clean: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in known or value is None:
-            continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise UsageError(f"CRF parameter {key} must be a number, got {value!r}")
-        clean[key] = int(value) if key == "iterations" and float(value).is_integer() else value
-    try:
-        return cls(**clean)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def params_to_dict(params: Any) -> dict[str, Any]:
-    return dataclasses.asdict(params)
-
-
-def load_crf_params(path: Path | str) -> Any:
-    """Read CRF parameters from a JSON file: a ``deeplab crf tune`` result (its ``crf`` object) or a
-    flat object with the parameter names (``bi_w``, ``bi_xy_std``, ...)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise UsageError(f"cannot read CRF parameters {path}: {exc.strerror or exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path}: not valid JSON ({exc})") from exc
-    if isinstance(data, dict) and isinstance(data.get("crf"), dict):
-        data = data["crf"]
-    if not isinstance(data, dict) or not any(name in data for name in PARAM_NAMES):
-        raise UsageError(
-            f"{path}: no CRF parameters found (expected keys such as bi_w, bi_xy_std, bi_rgb_std)"
-        )
-    return make_params(data)
-
-
-def resolve_crf_params(
-    spec: Any, path: Path | None = None, overrides: Mapping[str, Any] | None = None
-) -> Any:
-    """CRF parameters for a model: its registry defaults, then a parameter file, then explicit values."""
-    values: dict[str, Any] = dict(spec.crf or {}) if spec is not None else {}
-    if path is not None:
-        values.update(params_to_dict(load_crf_params(path)))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return make_params(values)
+# -- candidates and their validation -------------------------------------------------------------------
 
 
 def default_output(model: str) -> Path:
@@ -126,8 +76,8 @@ def cache_key(
 
 
 def cache_probabilities(
-    segmenter: Any,
-    dataset: Any,
+    segmenter: ScoringModel,
+    dataset: Dataset,
     cache_dir: Path,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
@@ -138,8 +88,9 @@ def cache_probabilities(
     Returns the cached images and the no-CRF confusion matrix (from the argmax of the float32 scores,
     cached as ``pred``).
     """
-    from deeplab_cli.evaluate import labels_of, network_scores, read_ahead
+    from deeplab_cli.evaluate import read_ahead
     from deeplab_cli.files import write_npz
+    from deeplab_cli.geometry import labels_of
     from deeplab_cli.metrics import ConfusionMatrix
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +102,7 @@ def cache_probabilities(
             with np.load(path) as cached:
                 pred = cached["pred"]
         else:
-            logits = network_scores(segmenter, loaded.rgb, scales, flip).logits
+            logits, _ = segmenter.scores(loaded.rgb, scales, flip)
             pred = labels_of(logits)
             log_probs = logits - logits.max(axis=0, keepdims=True)
             log_probs -= np.log(np.exp(log_probs).sum(axis=0, keepdims=True))
@@ -185,37 +136,6 @@ def fine_grid(best: Mapping[str, Any], steps: Mapping[str, float]) -> list[dict[
 
 def _key(values: Mapping[str, Any]) -> tuple:
     return tuple(round(float(values[name]), 6) for name in PARAM_NAMES if name in values)
-
-
-def _score_image(task: tuple[str, list[dict[str, Any]], int, int, tuple[int, ...], str]) -> list[np.ndarray]:
-    """Worker: run every candidate's CRF on one cached image; one confusion matrix per candidate."""
-    from deeplab_cli.crf import refine
-    from deeplab_cli.evaluate import labels_of
-    from deeplab_cli.metrics import ConfusionMatrix
-
-    path, candidates, num_classes, ignore, exclude, backend = task
-    with np.load(path) as cached:
-        log_probs = cached["log_probs"].astype(np.float32)
-        image = cached["image"]
-        label = cached["label"]
-    probs = np.exp(log_probs)
-    probs /= probs.sum(axis=0, keepdims=True)
-    matrices = []
-    for values in candidates:
-        refined = refine(image, probs, make_params(values), backend=backend, device="cpu")
-        matrix = ConfusionMatrix(num_classes, ignore, exclude)
-        matrix.update(label, labels_of(refined))
-        matrices.append(matrix.matrix)
-    return matrices
-
-
-def _init_worker() -> None:
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
 
 
 @dataclass
@@ -254,48 +174,80 @@ class TuneResult:
 
 
 class _Scorer:
-    """Scores candidate lists over the cached images, in worker processes (or inline with 1 worker)."""
+    """Scores candidate lists over the cached images with the CRF runner (its workers, or inline)."""
 
-    def __init__(self, items: list[CachedImage], dataset: Any, backend: str, workers: int):
-        self.items, self.backend, self.workers = items, backend, workers
-        self.meta = (dataset.num_classes, dataset.ignore_index, tuple(dataset.exclude_classes))
-        self.exclude = dataset.exclude_classes
-        self.pool: ProcessPoolExecutor | None = None
-        if workers > 1:
-            import multiprocessing
+    def __init__(self, items: list[CachedImage], dataset: Dataset, runner: CRFRunner):
+        self.items, self.runner = items, runner
+        self.num_classes, self.ignore = dataset.num_classes, dataset.ignore_index
+        self.exclude = tuple(dataset.exclude_classes)
 
-            context = multiprocessing.get_context("spawn")  # no fork after torch/ORT threads started
-            self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+    def _matrix(self) -> Any:
+        from deeplab_cli.metrics import ConfusionMatrix
+
+        return ConfusionMatrix(self.num_classes, self.ignore, self.exclude)
 
     def score(
         self, candidates: list[dict[str, Any]], on_image: Callable[[], None] | None = None
     ) -> list[float]:
-        from deeplab_cli.metrics import ConfusionMatrix
+        """The mIoU of each candidate over every cached image."""
+        from deeplab_cli.geometry import labels_of
 
-        n = self.meta[0]
-        totals = [np.zeros((n, n), dtype=np.int64) for _ in candidates]
-        tasks = [(str(item.path), candidates, *self.meta, self.backend) for item in self.items]
-        results = self.pool.map(_score_image, tasks) if self.pool else map(_score_image, tasks)
-        for matrices in results:
-            for total, matrix in zip(totals, matrices, strict=True):
-                total += matrix
+        params = [CRFParams.from_dict(values) for values in candidates]
+        totals = [self._matrix() for _ in candidates]
+        pending: deque[tuple[int, np.ndarray, Future[np.ndarray]]] = deque()
+        window = max(2, 2 * self.runner.workers)
+
+        def collect(keep: int) -> None:
+            while len(pending) > keep:
+                index, label, future = pending.popleft()
+                totals[index].update(label, labels_of(future.result()))
+
+        for item in self.items:
+            image, probs, label = _read_cached(item.path)
+            for index, candidate in enumerate(params):
+                pending.append((index, label, self.runner.submit(image, probs, candidate)))
+                collect(window)
             if on_image:
                 on_image()
-        scores = []
-        for total in totals:
-            matrix = ConfusionMatrix(n, self.meta[1], self.exclude)
-            matrix.matrix = total
-            scores.append(matrix.miou())
-        return scores
+        collect(0)
+        return [total.miou() for total in totals]
 
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
+
+def _read_cached(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The image, its probabilities (float32, renormalised) and its ground truth from the cache."""
+    with np.load(path) as cached:
+        log_probs = cached["log_probs"].astype(np.float32)
+        image = cached["image"]
+        label = cached["label"]
+    probs = np.exp(log_probs, out=log_probs)
+    probs /= probs.sum(axis=0, keepdims=True)
+    return image, probs, label
+
+
+def check_search(
+    coarse: Mapping[str, Sequence[float]],
+    fine_steps: Mapping[str, float],
+    unary_scales: Sequence[float],
+    iterations: int,
+) -> None:
+    """Reject a search that would fail (or search nothing) before hours of work: every coarse point and
+    unary scale must be valid CRF parameters and every fine step positive."""
+    base = {**FIXED, "iterations": iterations, "unary_scale": 1.0}
+    for name, values in coarse.items():
+        if not values:
+            raise UsageError(f"grid axis {name} has no values")
+    for name, step in fine_steps.items():
+        if name not in PARAM_NAMES or name == "iterations" or not step > 0:
+            raise UsageError(f"bad fine step {name}={step} (a positive step of a real-valued parameter)")
+    for values in grid(coarse, base):
+        CRFParams.from_dict(values)
+    for scale in unary_scales:
+        CRFParams.from_dict({**base, "unary_scale": scale})
 
 
 def tune(
-    segmenter: Any,
-    dataset: Any,
+    segmenter: ScoringModel,
+    dataset: Dataset,
     *,
     iterations: int = 10,
     coarse: Mapping[str, Sequence[float]] | None = None,
@@ -303,21 +255,74 @@ def tune(
     unary_scales: Sequence[float] = UNARY_SCALES,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
+    crf: CRFRunner | None = None,
     backend: str = "auto",
     workers: int | None = None,
     cache_root: Path | None = None,
     log: Callable[[str], None] | None = None,
     on_image: Callable[[], None] | None = None,
 ) -> TuneResult:
-    """Coarse-to-fine search of the CRF's appearance kernel and unary scale on ``dataset`` (module doc)."""
-    from deeplab_cli.metrics import ConfusionMatrix
+    """Coarse-to-fine search of the CRF's appearance kernel and unary scale on ``dataset`` (module doc).
+
+    ``crf``: the runner that scores candidates (its parameters are replaced per candidate); without one,
+    a runner is made from ``backend`` and ``workers`` (None: the machine's CPU split) and closed at the end.
+    The search is validated before the network runs.
+    """
 
     log = log or (lambda _message: None)
+    coarse = coarse or COARSE_GRID
+    steps = fine_steps if fine_steps is not None else FINE_STEPS
+    check_search(coarse, steps, unary_scales, iterations)
     spec = segmenter.spec
     if spec.num_classes != dataset.num_classes:
         raise UsageError(
             f"model {spec.name} predicts {spec.num_classes} classes, {dataset.name} has {dataset.num_classes}"
         )
+    own_runner = crf is None
+    if crf is None:
+        from deeplab_cli.crf.runner import CRFRunner
+
+        crf = CRFRunner(CRFParams(), backend=backend, device="cpu", workers=workers)
+    try:
+        return _search(
+            segmenter,
+            dataset,
+            crf,
+            iterations,
+            coarse,
+            steps,
+            unary_scales,
+            scales,
+            flip,
+            cache_root,
+            log,
+            on_image,
+        )
+    except BaseException:
+        crf.close(cancel=True)  # an error or Ctrl-C: stop the workers now
+        raise
+    finally:
+        if own_runner:
+            crf.close()
+
+
+def _search(
+    segmenter: ScoringModel,
+    dataset: Dataset,
+    crf: CRFRunner,
+    iterations: int,
+    coarse: Mapping[str, Sequence[float]],
+    steps: Mapping[str, float],
+    unary_scales: Sequence[float],
+    scales: Sequence[float],
+    flip: bool,
+    cache_root: Path | None,
+    log: Callable[[str], None],
+    on_image: Callable[[], None] | None,
+) -> TuneResult:
+    from deeplab_cli.metrics import ConfusionMatrix
+
+    spec = segmenter.spec
     ids = [s.id for s in dataset.samples]
     if cache_root is None:
         from deeplab_cli import paths
@@ -329,7 +334,7 @@ def tune(
     baseline.matrix = baseline_matrix
     log(f"cached network probabilities of {len(items)} images in {cache_root / key}")
     base = {**FIXED, "iterations": iterations, "unary_scale": 1.0}
-    scorer = _Scorer(items, dataset, backend, workers if workers is not None else (os.cpu_count() or 1))
+    scorer = _Scorer(items, dataset, crf)
     seen: dict[tuple, Candidate] = {}
 
     def run_stage(stage: str, candidates: list[dict[str, Any]]) -> Candidate:
@@ -340,15 +345,11 @@ def tune(
                 seen[_key(values)] = Candidate(dict(values), stage, miou)
         return max(seen.values(), key=lambda c: -1.0 if np.isnan(c.miou) else c.miou)  # first of ties
 
-    try:
-        best = run_stage("coarse", grid(coarse or COARSE_GRID, base))
-        steps = fine_steps if fine_steps is not None else FINE_STEPS
-        if steps:
-            best = run_stage("fine", fine_grid(best.params, steps))
-        if unary_scales:
-            best = run_stage("unary", grid({"unary_scale": unary_scales}, best.params))
-    finally:
-        scorer.close()
+    best = run_stage("coarse", grid(coarse, base))
+    if steps:
+        best = run_stage("fine", fine_grid(best.params, steps))
+    if unary_scales:
+        best = run_stage("unary", grid({"unary_scale": unary_scales}, best.params))
     return TuneResult(
         model=spec.name,
         dataset=dataset.name,
@@ -392,8 +393,8 @@ __all__ = [
     "FINE_STEPS",
     "UNARY_SCALES",
     "TuneResult",
-    "load_crf_params",
-    "resolve_crf_params",
+    "check_search",
+    "parse_grid",
     "save_result",
     "tune",
 ]

@@ -18,9 +18,9 @@ from conftest import VOC2012, WEIGHTS_MIRROR, voc_sample_ids
 from PIL import Image
 
 from deeplab_cli.crf import CRFParams, available_backends, refine, refine_batch
-from deeplab_cli.crf.torch_backend import refine_torch_batch
 from deeplab_cli.crf.backends import BackendUnavailableError
 from deeplab_cli.crf.runner import CRFRunner
+from deeplab_cli.crf.torch_backend import refine_torch_batch
 
 TFLITE = WEIGHTS_MIRROR / "deeplabv3-mnv2-voc" / "lite-model_mobilenetv2-coco_dr_1.tflite"
 LARGEFOV = CRFParams(iterations=10, pos_w=3, pos_xy_std=3, bi_w=4, bi_xy_std=121, bi_rgb_std=5)

@@ -178,30 +178,28 @@ def image() -> np.ndarray:
 
 
 def test_single_scale_matches_the_runtime(segmenter, image):
-    from deeplab_cli.evaluate import labels_of, network_scores
+    from deeplab_cli.geometry import labels_of
 
-    ours = labels_of(network_scores(segmenter, image).logits)
+    ours = labels_of(segmenter.scores(image)[0])
     runtime = segmenter.predict(image).labels
     assert (ours == runtime).mean() > 0.9999
 
 
 def test_flip_average_is_mirror_symmetric(segmenter, image):
-    from deeplab_cli.evaluate import network_scores
-
     mirrored = np.ascontiguousarray(image[:, ::-1])
-    a = network_scores(segmenter, image, flip=True).logits
-    b = network_scores(segmenter, mirrored, flip=True).logits
+    a = segmenter.scores(image, flip=True)[0]
+    b = segmenter.scores(mirrored, flip=True)[0]
     np.testing.assert_allclose(a, b[:, :, ::-1], rtol=1e-5, atol=1e-4)
-    plain = network_scores(segmenter, image).logits
+    plain = segmenter.scores(image)[0]
     assert not np.allclose(a, plain)  # the mirrored run contributed
 
 
 def test_multiscale_max_fusion_and_alignment(segmenter, image):
-    from deeplab_cli.evaluate import labels_of, network_scores
+    from deeplab_cli.geometry import labels_of
 
-    half = network_scores(segmenter, image, scales=(0.5,)).logits
-    full = network_scores(segmenter, image, scales=(1.0,)).logits
-    fused = network_scores(segmenter, image, scales=(0.5, 1.0)).logits
+    half = segmenter.scores(image, scales=(0.5,))[0]
+    full = segmenter.scores(image, scales=(1.0,))[0]
+    fused = segmenter.scores(image, scales=(0.5, 1.0))[0]
     assert half.shape == full.shape == (21, *image.shape[:2])
     np.testing.assert_allclose(fused, np.maximum(half, full), rtol=1e-6, atol=1e-5)
     # half-scale scores land on the right pixels: labels agree with full scale nearly everywhere

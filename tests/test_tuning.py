@@ -11,9 +11,14 @@ from pathlib import Path
 import pytest
 from conftest import REPO, VOC_ROOT
 
+from deeplab_cli.crf.params import CRFParams, load_params, resolve
 from deeplab_cli.errors import UsageError
-from deeplab_cli.tuning import fine_grid, load_crf_params, parse_grid, resolve_crf_params
+from deeplab_cli.tuning import fine_grid, parse_grid
 from deeplab_cli.zoo import get_model
+
+
+def load_crf_params(path: Path) -> CRFParams:
+    return resolve(CRFParams(), path)
 
 MODEL = "deeplabv3-mnv2-voc"
 
@@ -44,12 +49,21 @@ def test_bad_parameter_files(tmp_path: Path, text: str, message: str):
         load_crf_params(path)
 
 
+def test_unknown_keys_in_a_parameter_file_are_rejected(tmp_path: Path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"bi_w": 5, "bi_colour": 3}))
+    assert load_params(path) == {"bi_w": 5, "bi_colour": 3}
+    with pytest.raises(UsageError, match="unknown CRF parameter.*bi_colour"):
+        load_crf_params(path)
+
+
 def test_parameter_precedence(tmp_path: Path):
     spec = get_model(MODEL)
-    assert resolve_crf_params(spec).bi_xy_std == spec.crf["bi_xy_std"]
+    model_defaults = CRFParams.from_dict(spec.crf)
+    assert resolve(model_defaults, None, {}).bi_xy_std == spec.crf["bi_xy_std"]
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"bi_xy_std": 50, "bi_w": 7}))
-    params = resolve_crf_params(spec, path, {"bi_w": 2.5, "iterations": None})
+    params = resolve(model_defaults, path, {"bi_w": 2.5, "iterations": None})
     assert (params.bi_xy_std, params.bi_w, params.iterations) == (50.0, 2.5, spec.crf["iterations"])
 
 
@@ -89,6 +103,7 @@ def tuned(segmenter, dataset, tmp_path_factory: pytest.TempPathFactory):
         coarse={"bi_w": (3.0, 6.0), "bi_xy_std": (30.0, 80.0), "bi_rgb_std": (4.0,)},
         fine_steps={},
         unary_scales=(1.0, 0.5),
+        backend="torch",
         workers=2,
         cache_root=cache,
     )
@@ -108,12 +123,13 @@ def test_tune_finds_the_best_candidate(tuned):
 
 
 def test_tune_scores_agree_with_eval(tuned, segmenter, dataset):
-    from deeplab_cli.evaluate import EvalOptions, evaluate
-    from deeplab_cli.tuning import make_params
+    from deeplab_cli.crf.runner import CRFRunner
+    from deeplab_cli.evaluate import evaluate
 
     result, _ = tuned
-    best = make_params(result.best.params)
-    evaluated = evaluate(segmenter, dataset, EvalOptions(crf=best, crf_workers=0))
+    best = CRFParams.from_dict(result.best.params)
+    with CRFRunner(best, backend="torch", workers=0) as runner:
+        evaluated = evaluate(segmenter, dataset, crf=runner)
     assert result.baseline_miou == pytest.approx(evaluated.plain.matrix.miou(), abs=1e-12)
     # the search reads float16 log-probabilities from its cache: allow a few flipped pixels
     assert result.best.miou == pytest.approx(evaluated.crf.matrix.miou(), abs=2e-3)
@@ -133,13 +149,14 @@ def test_tune_reuses_its_probability_cache(tuned, segmenter, dataset):
         coarse={"bi_w": (3.0,), "bi_xy_std": (30.0,), "bi_rgb_std": (4.0,)},
         fine_steps={},
         unary_scales=(),
-        workers=1,
+        backend="torch",
+        workers=0,
         cache_root=cache,
     )
     assert [f.stat().st_mtime_ns for f in files] == stamps
     assert again.baseline_miou == result.baseline_miou
     first = next(c for c in result.candidates if c.params["bi_w"] == 3.0 and c.params["bi_xy_std"] == 30.0)
-    assert again.best.miou == pytest.approx(first.miou, abs=1e-12)  # workers=1 and 2 agree
+    assert again.best.miou == pytest.approx(first.miou, abs=1e-12)  # inline and 2 workers agree
 
 
 def test_cli_tune_then_eval_with_the_file(tmp_path: Path):

@@ -6,13 +6,18 @@ from pathlib import Path
 
 import click
 
-from deeplab_cli.commands.evaluate import CRF_BACKENDS, default_model_for, parse_scales
-from deeplab_cli.datasets import DATASETS
+from deeplab_cli.commands.options import (
+    DatasetChoice,
+    crf_backend_option,
+    dataset_options,
+    device_option,
+    scales_options,
+)
 
 
 @click.group("crf")
 def crf() -> None:
-    """Dense CRF tools."""
+    """Dense CRF tools: tune its parameters on a labelled split (use them with --crf-params)."""
 
 
 def _parse_floats(text: str, option: str) -> tuple[float, ...]:
@@ -25,15 +30,10 @@ def _parse_floats(text: str, option: str) -> tuple[float, ...]:
 
 
 @crf.command("tune")
-@click.option("--dataset", type=click.Choice(DATASETS), default="voc", show_default=True)
-@click.option("--split", default="val", show_default=True)
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), help="Dataset folder.")
-@click.option("--ids", "ids_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.option("--allow-missing", is_flag=True, help="Skip ids whose files are missing.")
+@dataset_options
 @click.option(
     "--n", "count", type=click.IntRange(min=1), default=100, show_default=True, help="Images to tune on."
 )
-@click.option("--model", "-m", default=None, help="Model name (default: the dataset's default model).")
 @click.option(
     "--iterations", type=click.IntRange(min=1), default=10, show_default=True, help="Mean-field iterations."
 )
@@ -52,17 +52,15 @@ def _parse_floats(text: str, option: str) -> tuple[float, ...]:
     show_default=True,
     help="Unary scales tried at the best point.",
 )
-@click.option("--scales", default="1", show_default=True, help="Network input scales (as in eval).")
-@click.option("--flip", is_flag=True, help="Add the mirrored image (as in eval).")
+@scales_options
+@crf_backend_option
 @click.option(
-    "--crf-backend",
-    type=click.Choice(CRF_BACKENDS),
-    default="auto",
-    show_default=True,
-    help="CRF implementation (auto = torch).",
-)
-@click.option(
-    "--workers", type=click.IntRange(min=1), default=None, help="Worker processes (default: CPU cores)."
+    "--workers",
+    "--crf-workers",
+    "workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="CRF worker processes (0 = in this process) [default: a share of the cores].",
 )
 @click.option(
     "--output",
@@ -70,21 +68,18 @@ def _parse_floats(text: str, option: str) -> tuple[float, ...]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Where to write the best parameters (default: <cache>/crf/<model>.json).",
 )
-@click.option("--device", default="auto", show_default=True, help="Device for the network.")
+@device_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress messages.")
+@click.pass_context
 def tune(
-    dataset: str,
-    split: str,
-    data_root: Path | None,
-    ids_file: Path | None,
-    allow_missing: bool,
+    ctx: click.Context,
+    data: DatasetChoice,
     count: int,
-    model: str | None,
     iterations: int,
     grid_text: str | None,
     fine: bool,
     unary_scales: str,
-    scales: str,
+    scales: tuple[float, ...],
     flip: bool,
     crf_backend: str,
     workers: int | None,
@@ -95,39 +90,60 @@ def tune(
     """Grid-search the CRF's appearance kernel and unary scale on N images of a split.
 
     The smoothness kernel stays at pos_w = 3, pos_xy_std = 3 as in the DeepLab papers. The network runs
-    once per image (probabilities cached on disk); candidates run in parallel processes. The best
-    parameters go to --output, for `deeplab eval --crf --crf-params FILE` and `deeplab segment`.
+    once per image (probabilities cached on disk); candidates run in CRF worker processes. The grid and
+    the output path are checked before the network runs; the best parameters are printed, and written to
+    --output for `deeplab eval --crf --crf-params FILE` and `deeplab segment --crf --crf-params FILE`.
 
     \b
     Example:
       deeplab crf tune --dataset voc --split val --n 100 --data-root ~/data
+
+    Exit status: 0 done, 1 failed (the best parameters are still printed if only saving failed),
+    2 usage error, 130 interrupted.
     """
-    from deeplab_cli.datasets import open_dataset
+    from deeplab_cli.crf.params import CRFParams
+    from deeplab_cli.crf.runner import CRFRunner
+    from deeplab_cli.errors import DeeplabError
+    from deeplab_cli.evaluate import check_writable
     from deeplab_cli.runtime import Segmenter
-    from deeplab_cli.tuning import FINE_STEPS, default_output, parse_grid, save_result
+    from deeplab_cli.tuning import (
+        COARSE_GRID,
+        FINE_STEPS,
+        check_search,
+        default_output,
+        parse_grid,
+        save_result,
+    )
     from deeplab_cli.tuning import tune as run_tune
 
-    data = open_dataset(dataset, data_root, split, ids_file, allow_missing).limit(count)
-    segmenter = Segmenter(model or default_model_for(dataset), device=device)
-    log = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
-    result = run_tune(
-        segmenter,
-        data,
-        iterations=iterations,
-        coarse=parse_grid(grid_text) if grid_text else None,
-        fine_steps=FINE_STEPS if fine else {},
-        unary_scales=_parse_floats(unary_scales, "--unary-scales"),
-        scales=parse_scales(scales),
-        flip=flip,
-        backend=crf_backend,
-        workers=workers,
-        log=log,
-    )
-    target = output or default_output(segmenter.spec.name)
-    save_result(target, result)
+    coarse = parse_grid(grid_text) if grid_text else COARSE_GRID
+    steps = FINE_STEPS if fine else {}
+    unary = _parse_floats(unary_scales, "--unary-scales")
+    check_search(coarse, steps, unary, iterations)
+    model = data.model_name()
+    target = output or default_output(model)
+    check_writable(target)
+    runner = CRFRunner(CRFParams(), crf_backend, device, workers)
+    with runner:
+        dataset = data.open(count)
+        segmenter = Segmenter(model, device=device)
+        log = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
+        log(f"deeplab: CRF on {runner.describe()}")
+        result = run_tune(
+            segmenter,
+            dataset,
+            iterations=iterations,
+            coarse=coarse,
+            fine_steps=steps,
+            unary_scales=unary,
+            scales=scales,
+            flip=flip,
+            crf=runner,
+            log=log,
+        )
     best = result.best.params
     click.echo(
-        f"{segmenter.spec.name} on {dataset} {split}: {result.images} images, "
+        f"{segmenter.spec.name} on {data.dataset} {data.split}: {result.images} images, "
         f"{len(result.candidates)} candidates"
     )
     click.echo(
@@ -141,4 +157,12 @@ def tune(
             "The CRF does not improve mIoU on these images with any parameters tried: "
             "evaluate and segment without --crf for this model."
         )
+    try:
+        save_result(target, result)
+    except (OSError, DeeplabError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        click.echo(
+            f"deeplab: error: cannot write {target}: {reason} (the best parameters are above)", err=True
+        )
+        ctx.exit(1)
     click.echo(f"parameters written to {target}")

@@ -2,98 +2,30 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from deeplab_cli.datasets import DATASETS
-
-CRF_BACKENDS = ("auto", "torch", "pydensecrf")
-CRF_OPTIONS = (
-    ("iterations", int, "Mean-field iterations."),
-    ("pos_w", float, "Smoothness kernel weight (w2)."),
-    ("pos_xy_std", float, "Smoothness kernel spatial std (sigma_gamma, px)."),
-    ("bi_w", float, "Appearance kernel weight (w1)."),
-    ("bi_xy_std", float, "Appearance kernel spatial std (sigma_alpha, px)."),
-    ("bi_rgb_std", float, "Appearance kernel colour std (sigma_beta)."),
-    ("unary_scale", float, "Scale of the unary (log-probabilities), a softmax temperature."),
+from deeplab_cli.commands.options import (
+    CRFChoice,
+    DatasetChoice,
+    crf_options,
+    dataset_options,
+    device_option,
+    scales_options,
 )
 
-
-def crf_options(function: Any) -> Any:
-    """Add ``--crf-params FILE`` and one option per CRF parameter (shared by eval and crf tune)."""
-    for name, kind, help_text in reversed(CRF_OPTIONS):
-        flag = "--crf-" + name.replace("_", "-")
-        function = click.option(flag, name, type=kind, default=None, help=help_text)(function)
-    return click.option(
-        "--crf-params",
-        type=click.Path(dir_okay=False, exists=True, path_type=Path),
-        help="CRF parameters from a JSON file (e.g. written by `deeplab crf tune`).",
-    )(function)
-
-
-def parse_scales(text: str) -> tuple[float, ...]:
-    try:
-        scales = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise click.BadParameter(
-            f"expected comma-separated numbers, got {text!r}", param_hint="--scales"
-        ) from None
-    if not scales or any(not math.isfinite(s) or s <= 0 or s > 4 for s in scales):
-        raise click.BadParameter("scales must be numbers in (0, 4]", param_hint="--scales")
-    return scales
-
-
-def default_model_for(dataset: str) -> str:
-    """The registry's default model if it fits the dataset, else the first model trained on it."""
-    from deeplab_cli.errors import UsageError
-    from deeplab_cli.zoo import registry_models
-
-    models = [spec for spec in registry_models() if spec.dataset == dataset]
-    if not models:
-        raise UsageError(f"no model in the registry is trained on {dataset}; pass --model")
-    return next((spec.name for spec in models if spec.default), models[0].name)
+if TYPE_CHECKING:
+    from deeplab_cli.crf.runner import CRFRunner
+    from deeplab_cli.runtime import Segmenter
 
 
 @click.command("eval")
-@click.option("--dataset", type=click.Choice(DATASETS), default="voc", show_default=True)
-@click.option(
-    "--split", default="val", show_default=True, help="Split name (VOC: ImageSets/Segmentation/<split>.txt)."
-)
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Dataset folder (default: $DEEPLAB_DATA, else <cache>/data).",
-)
-@click.option(
-    "--ids",
-    "ids_file",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="Explicit id list.",
-)
-@click.option(
-    "--allow-missing", is_flag=True, help="Skip (and count) ids whose image or ground truth is missing."
-)
-@click.option("--model", "-m", default=None, help="Model name (default: the dataset's default model).")
-@click.option("--crf/--no-crf", default=False, show_default=True, help="Also score the CRF-refined output.")
+@dataset_options
 @crf_options
-@click.option(
-    "--crf-backend",
-    type=click.Choice(CRF_BACKENDS),
-    default="auto",
-    show_default=True,
-    help="CRF implementation (auto = torch).",
-)
-@click.option(
-    "--crf-workers", type=int, default=None, help="CRF worker processes (default: CPU cores; 0 = inline)."
-)
-@click.option(
-    "--scales", default="1", show_default=True, help="Input scales, fused by max (e.g. 0.5,0.75,1)."
-)
-@click.option("--flip", is_flag=True, help="Add the left-right mirrored image (scores averaged).")
+@scales_options
 @click.option(
     "--limit", type=click.IntRange(min=1), default=None, help="Only the first N images of the split."
 )
@@ -106,20 +38,12 @@ def default_model_for(dataset: str) -> str:
     type=click.Path(file_okay=False, path_type=Path),
     help="Save label PNGs: DIR/<id>.png (no CRF) and DIR/crf/<id>.png.",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def evaluate(
-    dataset: str,
-    split: str,
-    data_root: Path | None,
-    ids_file: Path | None,
-    allow_missing: bool,
-    model: str | None,
-    crf: bool,
-    crf_params: Path | None,
-    crf_backend: str,
-    crf_workers: int | None,
-    scales: str,
+    data: DatasetChoice,
+    crf: CRFChoice,
+    scales: tuple[float, ...],
     flip: bool,
     limit: int | None,
     json_path: Path | None,
@@ -127,38 +51,27 @@ def evaluate(
     save_masks: Path | None,
     device: str,
     quiet: bool,
-    **crf_overrides: Any,
 ) -> None:
     """Evaluate a model on a dataset split: per-class IoU, mIoU, accuracies, trimap bands.
 
     With --crf, the same network probabilities are also refined by the dense CRF and both results are
-    reported side by side.
+    reported side by side. Output paths are checked before the network runs.
 
     \b
     Example:
       deeplab eval --dataset voc --split val --data-root ~/data --crf --json val.json --plot trimap.png
-    """
-    from deeplab_cli.datasets import open_dataset
-    from deeplab_cli.evaluate import EvalOptions
-    from deeplab_cli.evaluate import evaluate as run_evaluation
-    from deeplab_cli.runtime import Segmenter
-    from deeplab_cli.tuning import resolve_crf_params
 
-    scale_values = parse_scales(scales)
-    data = open_dataset(dataset, data_root, split, ids_file, allow_missing).limit(limit)
-    segmenter = Segmenter(model or default_model_for(dataset), device=device)
-    params = resolve_crf_params(segmenter.spec, crf_params, crf_overrides) if crf else None
-    options = EvalOptions(
-        scales=scale_values,
-        flip=flip,
-        crf=params,
-        crf_backend=crf_backend,
-        crf_device="cuda" if device.startswith("cuda") else "cpu",
-        crf_workers=crf_workers,
-        save_masks=save_masks,
-    )
-    with _progress(len(data), quiet) as advance:
-        result = run_evaluation(segmenter, data, options, progress=advance)
+    Exit status: 0 done, 1 failed (e.g. a broken image or ground truth), 2 usage error, 130 interrupted.
+    """
+    from deeplab_cli.evaluate import EvalOptions, check_writable
+    from deeplab_cli.evaluate import evaluate as run_evaluation
+
+    check_writable(json_path, plot)
+    dataset = data.open(limit)
+    segmenter, runner = open_model_and_crf(data.model_name(), device, crf)
+    options = EvalOptions(scales=scales, flip=flip, save_masks=save_masks)
+    with _progress(len(dataset), quiet) as advance, _closing(runner):
+        result = run_evaluation(segmenter, dataset, options, crf=runner, progress=advance)
     document = result.to_dict()
     print_report(document)
     if json_path is not None:
@@ -169,6 +82,34 @@ def evaluate(
         from deeplab_cli.plots import write_trimap_plot
 
         write_trimap_plot(plot, document)
+
+
+def open_model_and_crf(model: str, device: str, crf: CRFChoice) -> tuple[Segmenter, CRFRunner | None]:
+    """The network, then (with --crf) the CRF runner on the same device with the model's defaults."""
+    from deeplab_cli.commands.options import resolve_crf
+    from deeplab_cli.crf.runner import CRFRunner
+    from deeplab_cli.runtime import Segmenter
+
+    segmenter = Segmenter(model, device=device)
+    params, backend, workers = resolve_crf(crf, segmenter.spec.crf)
+    if params is None:
+        return segmenter, None
+    on_gpu = "CUDAExecutionProvider" in segmenter.providers
+    return segmenter, CRFRunner(params, backend, device, workers, network_on_gpu=on_gpu)
+
+
+class _closing:
+    """Close the CRF runner at the end (cancelled, workers killed, if the block raised)."""
+
+    def __init__(self, runner: CRFRunner | None):
+        self.runner = runner
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if self.runner is not None:
+            self.runner.close(cancel=exc_type is not None)
 
 
 class _progress:
@@ -212,6 +153,11 @@ def print_report(document: dict[str, Any]) -> None:
         f" (scales {','.join(f'{s:g}' for s in document['scales'])}{', flip' if document['flip'] else ''})"
     )
     console.print(title)
+    protocol = document.get("protocol") or {}
+    if protocol.get("text"):
+        console.print(f"protocol: {protocol['text']}")
+    if document.get("crf_backend"):
+        console.print(f"CRF: {document['crf_backend']}")
     table = Table()
     table.add_column("class")
     table.add_column("IoU %", justify="right")

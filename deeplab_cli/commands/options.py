@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "device_option",
     "model_option",
     "resolve_crf",
+    "scales_options",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -107,6 +109,12 @@ def crf_options(function: F) -> F:
             for key in _CRF_KEYS
             if context.get_parameter_source(key) is click.core.ParameterSource.COMMANDLINE
         )
+        if enabled:
+            from deeplab_cli.crf.backends import choose_backend
+
+            choose_backend(values["crf_backend"])  # a missing package: one line, before any work
+        elif given:
+            raise UsageError(f"{', '.join(given)} given without --crf (add --crf to refine)")
         kwargs["crf"] = CRFChoice(
             enabled=enabled,
             backend=values["crf_backend"].lower(),
@@ -136,12 +144,36 @@ def crf_options(function: F) -> F:
     )(decorated)
     decorated = crf_backend_option(decorated)
     decorated = click.option(
-        "--crf",
+        "--crf/--no-crf",
         "use_crf",
-        is_flag=True,
+        default=False,
         help="Refine with the dense CRF (parameters default to the model's).",
     )(decorated)
     return decorated  # type: ignore[return-value]
+
+
+def _parse_scales(_ctx: click.Context, _param: click.Parameter, text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+    if not scales or any(not math.isfinite(s) or s <= 0 or s > 4 for s in scales):
+        raise click.BadParameter("scales must be numbers in (0, 4]")
+    return scales
+
+
+def scales_options(function: F) -> F:
+    """``--scales`` (multi-scale inference, fused by max) and ``--flip`` (mirrored image averaged)."""
+    function = click.option(
+        "--flip", is_flag=True, help="Add the left-right mirrored image (scores averaged)."
+    )(function)
+    return click.option(
+        "--scales",
+        default="1",
+        show_default=True,
+        callback=_parse_scales,
+        help="Input scales, fused by max (e.g. 0.5,0.75,1).",
+    )(function)
 
 
 def model_option(function: F) -> F:

@@ -106,16 +106,16 @@ def _warm_up() -> int:
     """Run the backend once on a tiny image so that imports and JIT compilation happen at start-up."""
     tiny_image = np.zeros((4, 4, 3), dtype=np.uint8)
     tiny_probs = np.full((2, 4, 4), 0.5, dtype=np.float32)
-    _refine_in_worker(tiny_image, tiny_probs)
+    _refine_in_worker(tiny_image, tiny_probs, None)
     return os.getpid()
 
 
-def _refine_in_worker(image: np.ndarray, probs: np.ndarray) -> np.ndarray:
+def _refine_in_worker(image: np.ndarray, probs: np.ndarray, params: CRFParams | None) -> np.ndarray:
     from .core import refine
 
-    params, backend, threads = _WORKER["params"], _WORKER["backend"], _WORKER["threads"]
-    assert isinstance(params, CRFParams) and isinstance(backend, str) and isinstance(threads, int)
-    return refine(image, probs, params, backend=backend, device="cpu", threads=threads)
+    default, backend, threads = _WORKER["params"], _WORKER["backend"], _WORKER["threads"]
+    assert isinstance(default, CRFParams) and isinstance(backend, str) and isinstance(threads, int)
+    return refine(image, probs, params or default, backend=backend, device="cpu", threads=threads)
 
 
 @contextmanager
@@ -151,10 +151,10 @@ class _ProcessPool:
         for future in self._ready:
             future.result()
 
-    def submit(self, image: np.ndarray, probs: np.ndarray) -> Future[np.ndarray]:
+    def submit(self, image: np.ndarray, probs: np.ndarray, params: CRFParams | None) -> Future[np.ndarray]:
         self._slots.acquire()
         try:
-            future = self._executor.submit(_refine_in_worker, image, probs)
+            future = self._executor.submit(_refine_in_worker, image, probs, params)
         except BaseException:
             self._slots.release()
             raise
@@ -180,7 +180,7 @@ class _ProcessPool:
 
 # -- the GPU batcher --------------------------------------------------------------------------------------
 
-_Item = tuple[np.ndarray, np.ndarray, "Future[np.ndarray]"]
+_Item = tuple[np.ndarray, np.ndarray, CRFParams, "Future[np.ndarray]"]
 
 
 class _GPUBatcher:
@@ -192,14 +192,12 @@ class _GPUBatcher:
         self._thread = threading.Thread(target=self._loop, daemon=True, name="crf-gpu")
         self._thread.start()
 
-    def submit(self, image: np.ndarray, probs: np.ndarray) -> Future[np.ndarray]:
+    def submit(self, image: np.ndarray, probs: np.ndarray, params: CRFParams | None) -> Future[np.ndarray]:
         future: Future[np.ndarray] = Future()
-        self._queue.put((image, probs, future))
+        self._queue.put((image, probs, params or self.params, future))
         return future
 
     def _loop(self) -> None:
-        from .core import refine_batch
-
         while True:
             item = self._queue.get()
             if item is None:
@@ -214,20 +212,22 @@ class _GPUBatcher:
                     self._queue.put(None)
                     break
                 batch.append(more)
-            batch = [entry for entry in batch if entry[2].set_running_or_notify_cancel()]
-            if not batch:
-                continue
-            try:
-                images = [entry[0] for entry in batch]
-                results = refine_batch(
-                    images, [entry[1] for entry in batch], self.params, backend="torch", device=self.device
-                )
-            except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
-                for entry in batch:
-                    entry[2].set_exception(exc)
-                continue
-            for entry, result in zip(batch, results, strict=True):
-                entry[2].set_result(result)
+            batch = [entry for entry in batch if entry[3].set_running_or_notify_cancel()]
+            for params in dict.fromkeys(entry[2] for entry in batch):  # one run per parameter set
+                self._run([entry for entry in batch if entry[2] == params], params)
+
+    def _run(self, batch: list[_Item], params: CRFParams) -> None:
+        from .core import refine_batch
+
+        try:
+            images, probs = [entry[0] for entry in batch], [entry[1] for entry in batch]
+            results = refine_batch(images, probs, params, backend="torch", device=self.device)
+        except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
+            for entry in batch:
+                entry[3].set_exception(exc)
+            return
+        for entry, result in zip(batch, results, strict=True):
+            entry[3].set_result(result)
 
     def close(self, cancel: bool) -> None:
         if cancel:
@@ -237,7 +237,7 @@ class _GPUBatcher:
                 except queue.Empty:
                     break
                 if item is not None:
-                    item[2].cancel()
+                    item[3].cancel()
         self._queue.put(None)
         self._thread.join(timeout=None if not cancel else 10)
 
@@ -310,21 +310,27 @@ class CRFRunner:
             return f"{self.backend}, {self.workers} worker(s) x {self.threads or 1} thread(s)"
         return f"{self.backend}, inline"
 
-    def refine(self, image: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        """CRF-refined C x H x W float32 probabilities of one image (blocks until done)."""
+    def refine(self, image: np.ndarray, probs: np.ndarray, params: CRFParams | None = None) -> np.ndarray:
+        """CRF-refined C x H x W float32 probabilities of one image (blocks until done).
+
+        ``params`` overrides the runner's parameters for this image (``crf tune`` scores candidates so).
+        """
         if self._pool is None and self._gpu is None:
             self._check_open()
             from .core import refine
 
-            return refine(image, probs, self.params, backend=self.backend, device="cpu", threads=self.threads)
-        return self.submit(image, probs).result()
+            chosen = params or self.params
+            return refine(image, probs, chosen, backend=self.backend, device="cpu", threads=self.threads)
+        return self.submit(image, probs, params).result()
 
     def refine_many(self, images: Sequence[np.ndarray], probs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Refine several images (batched on a GPU, in parallel in a pool); results in input order."""
         futures = [self.submit(im, p) for im, p in zip(images, probs, strict=True)]
         return [future.result() for future in futures]
 
-    def submit(self, image: np.ndarray, probs: np.ndarray) -> Future[np.ndarray]:
+    def submit(
+        self, image: np.ndarray, probs: np.ndarray, params: CRFParams | None = None
+    ) -> Future[np.ndarray]:
         """Queue one image; the Future holds the refined probabilities or the error.
 
         Inline, the work is done before this returns. With a pool, this blocks while ``max_pending``
@@ -332,12 +338,12 @@ class CRFRunner:
         """
         self._check_open()
         if self._pool is not None:
-            return self._pool.submit(image, probs)
+            return self._pool.submit(image, probs, params)
         if self._gpu is not None:
-            return self._gpu.submit(image, probs)
+            return self._gpu.submit(image, probs, params)
         future: Future[np.ndarray] = Future()
         try:
-            future.set_result(self.refine(image, probs))
+            future.set_result(self.refine(image, probs, params))
         except Exception as exc:  # noqa: BLE001 - the caller reads it from the Future
             future.set_exception(exc)
         return future

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from deeplab_cli.datasets.base import Dataset, Sample, check_samples, read_ids
-from deeplab_cli.errors import DeeplabError
+from deeplab_cli.errors import DeeplabError, UsageError
 
 NUM_CLASSES = 151
 SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
@@ -40,7 +40,7 @@ def find_ade20k(root: Path) -> Path:
 def open_ade20k(root: Path, split: str, ids_file: Path | None = None, allow_missing: bool = False) -> Dataset:
     base = find_ade20k(root)
     if split not in SPLITS:
-        raise DeeplabError(f"ADE20K split {split!r} unknown (use one of: train, val)")
+        raise UsageError(f"ADE20K split {split!r} unknown (use one of: train, val)")
     folder = SPLITS[split]
     if ids_file is not None:
         ids = read_ids(ids_file)

@@ -10,8 +10,7 @@ import numpy as np
 from PIL import Image
 
 from deeplab_cli.errors import DeeplabError
-
-IGNORE_INDEX = 255
+from deeplab_cli.metrics import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

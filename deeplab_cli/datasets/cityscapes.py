@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from deeplab_cli.datasets.base import Dataset, Sample, check_samples, read_ids
-from deeplab_cli.errors import DeeplabError
+from deeplab_cli.errors import DeeplabError, UsageError
 
 NUM_CLASSES = 19
 
@@ -60,7 +60,7 @@ def open_cityscapes(
         ]
     else:
         if not image_dir.is_dir():
-            raise DeeplabError(f"Cityscapes split {split!r} not found: {image_dir}")
+            raise UsageError(f"Cityscapes split {split!r} not found: {image_dir}")
         stems = [
             (p.parent.name, p.name[: -len("_leftImg8bit.png")])
             for p in sorted(image_dir.glob("*/*_leftImg8bit.png"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from deeplab_cli.datasets.base import Dataset, Sample, check_samples, read_ids
-from deeplab_cli.errors import DeeplabError
+from deeplab_cli.errors import DeeplabError, UsageError
 
 NUM_CLASSES = 21
 
@@ -37,7 +37,7 @@ def open_voc(root: Path, split: str, ids_file: Path | None = None, allow_missing
         ids_file = lists / f"{split}.txt"
         if not ids_file.is_file():
             known = sorted(p.stem for p in lists.glob("*.txt")) if lists.is_dir() else []
-            raise DeeplabError(
+            raise UsageError(
                 f"VOC split {split!r} not found: {ids_file} (available: {', '.join(known) or 'none'})"
             )
     candidates = [
