@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("export", "export", "Export a model to an ONNX file."),
     "crf": ("crf", "crf", "Dense CRF tools: tune the CRF parameters on a dataset split."),
     "data": ("data", "data", "Download and prepare datasets."),
+    "serve": ("serve", "serve", "Serve models over HTTP (needs the [serve] extra)."),
 }
 
 
@@ -91,6 +92,15 @@ def _quiet_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
 
 
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown: after an interrupt every output is complete and the
+    workers are stopped, and tearing down torch and numba can take seconds of a user's Ctrl-C."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning every failure into one line on stderr and an exit code."""
     if not sys.warnoptions:  # library warnings (Pillow's, numpy's) are not messages for a CLI user
@@ -102,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(code)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("deeplab: interrupted", err=True)
-        sys.exit(130)
+        _exit_now(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -36,6 +36,12 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+class Refiner(Protocol):
+    """What the scheduler needs of :class:`deeplab_cli.crf.runner.CRFRunner`."""
+
+    def refine(self, image: np.ndarray, probs: np.ndarray) -> np.ndarray: ...
+
+
 class SegmenterLike(Protocol):
     """What the scheduler needs of :class:`deeplab_cli.runtime.Segmenter` (tests use a small fake)."""
 
@@ -46,13 +52,9 @@ class SegmenterLike(Protocol):
 
     def run(self, prepared: list[Prepared]) -> np.ndarray: ...
 
-    def finish(self, prepared: Prepared, logits: np.ndarray, return_probs: bool = False) -> Prediction: ...
-
-
-class Refiner(Protocol):
-    """What the scheduler needs of :class:`deeplab_cli.crf.runner.CRFRunner`."""
-
-    def refine(self, image: np.ndarray, probs: np.ndarray) -> np.ndarray: ...
+    def finish(
+        self, prepared: Prepared, logits: np.ndarray, return_probs: bool = False, crf: Refiner | None = None
+    ) -> Prediction: ...
 
 
 @dataclass
@@ -172,6 +174,7 @@ class Scheduler:
                 future.cancel()
             for slot in pending:
                 slot.cancel()
+            self._stop_crf()  # a refine in flight would hold its writer (and the exit) for seconds
             _shutdown(pools)  # the writes in flight complete (atomically)
             self._report_written(pending)
             raise
@@ -198,6 +201,13 @@ class Scheduler:
             self.on_record(record)
             self.on_progress(1)
 
+    def _stop_crf(self) -> None:
+        """Interrupted: stop the CRF workers now (the refines waiting on them fail, nothing is written)."""
+        close = getattr(self.crf, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close(cancel=True)
+
     def _report_written(self, pending: deque[_Slot]) -> None:
         """After an interrupt: report every input whose outputs were written (in input order)."""
         for slot in pending:
@@ -221,9 +231,7 @@ class Scheduler:
             prepared = self.segmenter.prepare(job.item.path)
             original = None
             if self.options.overlay or (self.crf is not None and not self._finish_runs_crf):
-                same = prepared.input_size == prepared.image_size
-                # shrunk for the network: the outputs need the full-size image, decoded again
-                original = prepared.rgb if same else files.read_image(job.item.path)
+                original = _full_size_image(prepared, job.item.path)
         except DeeplabError as exc:
             return Record(input=job.item.path, status="failed", error=str(exc))
         except Exception as exc:  # any other failure of one input must not stop the batch
@@ -258,12 +266,12 @@ class Scheduler:
 
     def _predict(self, item: _Decoded, logits: np.ndarray) -> Prediction:
         """Upsample (and refine with the CRF when asked): the runtime's ``finish`` does both when it can."""
-        need_probs = self.options.scores == "probs"
+        # a .probs.npz is written from the prediction's bands (iter_prob_bands): C x H x W is never held
         finish = self.segmenter.finish
         if self.crf is None:
-            return finish(item.prepared, logits, return_probs=need_probs)
+            return finish(item.prepared, logits)
         if self._finish_runs_crf:
-            return finish(item.prepared, logits, return_probs=need_probs, crf=self.crf)  # type: ignore[call-arg]
+            return finish(item.prepared, logits, crf=self.crf)
         prediction = finish(item.prepared, logits, return_probs=True)
         start = time.perf_counter()
         assert item.original is not None and prediction.probs is not None
@@ -271,6 +279,16 @@ class Scheduler:
         prediction.labels = prediction.probs.argmax(axis=0).astype(prediction.labels.dtype)
         prediction.timings["crf"] = time.perf_counter() - start
         return prediction
+
+
+def _full_size_image(prepared: Prepared, path: str) -> np.ndarray:
+    """The image at its own size, for overlays: kept by ``prepare`` when it can, else decoded again."""
+    source = getattr(prepared, "source", None)
+    if source is not None:
+        return source
+    if prepared.input_size == prepared.image_size:
+        return prepared.rgb
+    return files.read_image(path)
 
 
 def _shutdown(pools: Iterable[ThreadPoolExecutor]) -> None:
