@@ -4,9 +4,12 @@ Overhead = the work evaluation adds around the network: decoding the image and t
 the trimap distance transform, and the confusion-matrix/trimap updates. It is measured per image and
 compared with the inference time (network + upsampling of the logits) of the same image, in the same run.
 Then the whole `evaluate()` loop (read-ahead thread, metrics, optionally the CRF) is timed end to end
-against a bare inference loop over the same images.
+against a bare inference loop over the same images. Last, `evaluate()` with the CRF is timed for each
+CRF backend (default: the `auto` backend against pydensecrf), interleaved over --rounds rounds, with the
+core split of `deeplab eval --crf` (crf.runner.default_crf_workers) unless --crf-workers is given; the
+ratio of medians is printed. The machine may be shared: compare ratios measured in one run only.
 
-Usage: python benchmarks/bench_eval.py [--n 30] [--crf-n 8] [--model deeplabv3-mnv2-voc]
+Usage: python benchmarks/bench_eval.py [--n 30] [--crf-n 8] [--rounds 3] [--backends auto,pydensecrf]
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ os.environ.setdefault("DEEPLAB_MIRROR", str(SHARED / "weights"))
 os.environ.setdefault("DEEPLAB_OFFLINE", "1")
 sys.path.insert(0, str(REPO))
 
+from deeplab_cli.crf.params import CRFParams  # noqa: E402
+from deeplab_cli.crf.runner import CRFRunner  # noqa: E402
 from deeplab_cli.datasets import open_dataset  # noqa: E402
-from deeplab_cli.evaluate import EvalOptions, _load, evaluate, labels_of, network_scores  # noqa: E402
+from deeplab_cli.evaluate import EvalOptions, _load, evaluate  # noqa: E402
+from deeplab_cli.geometry import labels_of  # noqa: E402
 from deeplab_cli.metrics import ConfusionMatrix, TrimapAccumulator  # noqa: E402
 from deeplab_cli.runtime import Segmenter  # noqa: E402
-from deeplab_cli.tuning import resolve_crf_params  # noqa: E402
 
 
 def median_ms(values: list[float]) -> str:
@@ -41,11 +46,13 @@ def main() -> None:
     parser.add_argument("--crf-n", type=int, default=8, help="images for the CRF run")
     parser.add_argument("--model", default="deeplabv3-mnv2-voc")
     parser.add_argument("--crf-workers", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per CRF backend")
+    parser.add_argument("--backends", default="auto,pydensecrf", help="CRF backends compared")
     args = parser.parse_args()
 
     dataset = open_dataset("voc", SHARED / "voc", "sample").limit(args.n)
     segmenter = Segmenter(args.model, device="cpu")
-    network_scores(segmenter, _load(dataset, dataset.samples[0], 40).rgb)  # warm-up
+    segmenter.scores(_load(dataset, dataset.samples[0], 40).rgb)  # warm-up
 
     decode, band, metrics, infer = [], [], [], []
     matrix = ConfusionMatrix(21)
@@ -56,9 +63,9 @@ def main() -> None:
         t1 = time.perf_counter()
         loaded_band = trimap.band(loaded.label)
         t2 = time.perf_counter()
-        scores = network_scores(segmenter, loaded.rgb)
+        logits, _ = segmenter.scores(loaded.rgb)
         t3 = time.perf_counter()
-        pred = labels_of(scores.logits)
+        pred = labels_of(logits)
         matrix.update(loaded.label, pred)
         trimap.update(loaded.label, pred, loaded_band)
         t4 = time.perf_counter()
@@ -76,7 +83,7 @@ def main() -> None:
 
     start = time.perf_counter()
     for sample in dataset.samples:
-        network_scores(segmenter, _load(dataset, sample, 1).rgb)
+        segmenter.scores(_load(dataset, sample, 1).rgb)
     bare = time.perf_counter() - start
     result = evaluate(segmenter, dataset, EvalOptions())
     wall = result.timings["wall_s"]
@@ -89,17 +96,33 @@ def main() -> None:
     if args.crf_n <= 0:
         return
     crf_data = dataset.limit(args.crf_n)
-    params = resolve_crf_params(segmenter.spec)
-    result = evaluate(segmenter, crf_data, EvalOptions(crf=params, crf_workers=args.crf_workers))
-    crf_wall = result.timings["wall_s"]
+    params = CRFParams.from_dict(segmenter.spec.crf)
+    backends = [name.strip() for name in args.backends.split(",") if name.strip()]
+    walls: dict[str, list[float]] = {name: [] for name in backends}
+    mious: dict[str, float] = {}
+    for _ in range(args.rounds):
+        for name in backends:  # interleaved: a noisy neighbour slows every backend alike
+            with CRFRunner(params, name, "cpu", args.crf_workers) as runner:
+                runner.wait_ready()  # worker start-up is reported separately below
+                result = evaluate(segmenter, crf_data, crf=runner)
+            walls[name].append(result.timings["wall_s"])
+            mious[name] = result.crf.matrix.miou()
     print(
-        f"evaluate() with CRF ({params.iterations} iterations, {len(crf_data)} images): "
-        f"{len(crf_data) / crf_wall:.2f} images/s; waited {result.timings['crf_s']:.1f} s for the CRF"
+        f"evaluate() with CRF, {params.iterations} iterations, {len(crf_data)} images, {args.rounds} rounds:"
     )
-    print(
-        f"mIoU on these {len(crf_data)} images: {100 * result.plain.matrix.miou():.2f} without CRF, "
-        f"{100 * result.crf.matrix.miou():.2f} with CRF"
-    )
+    for name in backends:
+        median = statistics.median(walls[name])
+        print(
+            f"  {name:10s} median {median:6.2f} s = {len(crf_data) / median:.2f} images/s, "
+            f"ratio to {backends[-1]} {median / statistics.median(walls[backends[-1]]):.2f}; "
+            f"mIoU {100 * mious[name]:.2f}"
+        )
+    start = time.perf_counter()
+    with CRFRunner(params, backends[0], "cpu", args.crf_workers) as runner:
+        runner.wait_ready()
+        label = runner.describe()
+    print(f"CRF worker start-up ({label}): {time.perf_counter() - start:.2f} s")
+    print(f"no-CRF mIoU on these images: {100 * result.plain.matrix.miou():.2f}")
 
 
 if __name__ == "__main__":

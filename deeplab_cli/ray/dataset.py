@@ -90,10 +90,10 @@ def _crf_params(spec: Any, crf: bool | CRFParams | Mapping[str, float] | None) -
         return None
     if isinstance(crf, CRFParams):
         return crf
-    from deeplab_cli.tuning import resolve_crf_params
+    from deeplab_cli.crf.params import resolve
 
     try:
-        return resolve_crf_params(spec, None, {} if crf is True else dict(crf))
+        return resolve(CRFParams.from_dict(spec.crf), None, {} if crf is True else dict(crf))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
