@@ -58,6 +58,10 @@ _CACHE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQ
 Notice = Callable[[str], None]
 
 
+class CacheWriteError(WeightsError):
+    """The cache folder refused a write (read-only, no permission, disk full)."""
+
+
 def _print_notice(message: str) -> None:
     print(f"deeplab: {message}", file=sys.stderr, flush=True)
 
@@ -101,7 +105,7 @@ def _cache_writes() -> Iterator[None]:
         inside = target is not None and (target == home or home in target.parents)
         if exc.errno not in _CACHE_ERRNOS or not inside:
             raise
-        raise WeightsError(
+        raise CacheWriteError(
             f"cannot write to the weight cache {home} ({exc.strerror}); free some space or make it "
             "writable, or set DEEPLAB_HOME to a writable folder"
         ) from exc
@@ -398,7 +402,7 @@ def import_file(path: Path, request: ImportRequest | None = None) -> list[ModelS
         with _cache_writes():
             return _import(path, request)
     except DeeplabError as exc:
-        if path.name in str(exc):
+        if path.name in str(exc) or isinstance(exc, CacheWriteError):
             raise
         raise type(exc)(f"{path.name}: {exc}") from exc
 
@@ -430,7 +434,10 @@ def _import_as(spec: ModelSpec, path: Path) -> ModelSpec:
     if member is not None and path.name == Path(source.archive_member or "").name:
         keep = member  # the bare weight file of a release archive
     with _lock(spec.name):
-        _convert(spec, path)
+        try:
+            _convert(spec, path)
+        except WeightsError as exc:
+            raise WeightsError(f"{exc} (importing it as {spec.name})") from exc
         if keep.resolve() != path.resolve():
             copy_file(path, keep)
     return spec

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import pytest
 from conftest import IMAGES, WEIGHTS_MIRROR
 from PIL import Image
 
-from deeplab_cli import weights
+from deeplab_cli import weights, zoo
 from deeplab_cli.errors import WeightsError
 from deeplab_cli.zoo import get_model
 
@@ -114,6 +116,7 @@ def test_import_with_wrong_arch_is_a_clear_error(tmp_path: Path) -> None:
         "deeplabv3plus-mnv2-ade20k",
         "--name",
         "x",
+        "-q",
         home=tmp_path / "home",
     )
     assert result.returncode == 1, result.stderr
@@ -184,3 +187,201 @@ def test_export_fp16_agrees_with_float32(tmp_path: Path) -> None:
     full = ort.InferenceSession(str(tmp_path / "a.onnx"), providers=["CPUExecutionProvider"])
     half = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
     assert np.mean(_labels(full, batch) == _labels(half, batch)) >= 0.99
+
+
+# --------------------------------------------------------------- every released file, into a fresh cache
+
+RELEASED = sorted(WEIGHTS_MIRROR.glob("*/*.tflite"))
+DOG = IMAGES / "dog_segmentation.bmp"
+
+
+@pytest.fixture(scope="module")
+def released_home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A fresh cache into which every released file under ../shared/weights was imported in ONE command."""
+    home = tmp_path_factory.mktemp("released") / "home"
+    return home, run_cli("weights", "import", *map(str, RELEASED), home=home)
+
+
+def registry_name_of(path: Path) -> str:
+    return next(s.name for s in zoo.registry_models() if s.source and s.source.file == path.name)
+
+
+def test_every_released_file_imports_offline_in_one_command(released_home) -> None:
+    home, result = released_home
+    assert len(RELEASED) == 6
+    assert result.returncode == 0, result.stderr
+    names = [registry_name_of(path) for path in RELEASED]
+    assert sorted(result.stdout.splitlines()) == sorted(
+        f"{n}: {home / 'models' / f'{n}.onnx'}" for n in names
+    )
+    for name in names:  # the first use says what it does and how long it took (issue 9 item 3)
+        assert f"deeplab: converting {name} to ONNX (once; about " in result.stderr
+    assert result.stderr.count("deeplab: done in ") == len(names)
+    ready = models_json(home)
+    assert all(ready[name]["ready"] for name in names)
+    # the default model's file is a TFLite flatbuffer that is also a zip (labels.txt appended)
+    assert zipfile.is_zipfile(
+        WEIGHTS_MIRROR / "deeplabv3-mnv2-voc" / "lite-model_mobilenetv2-coco_dr_1.tflite"
+    )
+
+
+@pytest.mark.parametrize("model", [registry_name_of(path) for path in RELEASED])
+def test_each_imported_model_segments_offline(released_home, tmp_path: Path, model: str) -> None:
+    home, _ = released_home
+    result = run_cli("segment", str(DOG), "-o", str(tmp_path), "--model", model, home=home)
+    assert result.returncode == 0, result.stderr
+    assert "converting" not in result.stderr  # the import converted it already
+    mask = np.asarray(Image.open(tmp_path / "dog_segmentation.png"))
+    assert mask.shape == (128, 128) and mask.max() < get_model(model).num_classes
+
+
+def test_fetch_all_offline_tries_every_model_and_reports_each_failure(released_home) -> None:
+    home, _ = released_home
+    result = run_cli("weights", "fetch", "--all", "-q", home=home)
+    assert result.returncode == 1
+    assert sorted(line.split(":")[0] for line in result.stdout.splitlines()) == sorted(
+        registry_name_of(path) for path in RELEASED
+    )
+    caffe = [s.name for s in zoo.registry_models() if s.source and s.source.format == "caffe"]
+    errors = result.stderr.strip().splitlines()
+    assert [line.split(":")[2].strip() for line in errors[:-1]] == caffe
+    assert all("downloads are off" in line for line in errors[:-1])
+    assert errors[
+        -1
+    ] == f"deeplab: error: {len(caffe)} of {len(RELEASED) + len(caffe)} models failed: " + ", ".join(caffe)
+
+
+def test_truncated_or_corrupt_cached_onnx_is_repaired(released_home, tmp_path: Path) -> None:
+    """Issue 10.9: a damaged cached model was used (or reported ready) as is, and fetch changed nothing."""
+    home = tmp_path / "home"
+    shutil.copytree(released_home[0], home)
+    onnx_file = home / "models" / f"{SMALL}.onnx"
+    good = onnx_file.read_bytes()
+    onnx_file.write_bytes(good[: len(good) // 2])  # truncated: caught by the size check at every use
+    assert models_json(home)[SMALL]["ready"] is False
+    path = run_cli("weights", "path", SMALL, home=home)
+    assert path.returncode == 1 and "not converted yet" in path.stderr and "weights fetch" in path.stderr
+    segment = run_cli("segment", str(DOG), "-o", str(tmp_path / "a"), "--model", SMALL, home=home)
+    assert segment.returncode == 0, segment.stderr
+    assert f"converting {SMALL}" in segment.stderr and onnx_file.stat().st_size == len(good)
+    # same size, broken header: only the sha256 that fetch checks sees it; loading names the remedy
+    onnx_file.write_bytes(b"\xff" * 64 + onnx_file.read_bytes()[64:])
+    broken = run_cli("segment", str(DOG), "-o", str(tmp_path / "b"), "--model", SMALL, home=home)
+    assert broken.returncode == 1
+    assert f"run: deeplab weights fetch {SMALL}" in broken.stderr and len(broken.stderr.splitlines()) <= 2
+    fetch = run_cli("weights", "fetch", SMALL, "-q", home=home)
+    assert fetch.returncode == 0, fetch.stderr
+    assert fetch.stdout.strip() == f"{SMALL}: {onnx_file} (repaired)"
+    assert onnx.load(str(onnx_file)).graph.input[0].name == "image"
+    again = run_cli("weights", "fetch", SMALL, "-q", home=home)
+    assert again.stdout.strip() == f"{SMALL}: {onnx_file}"  # verified, nothing to do
+
+
+# --------------------------------------------------------------- cache defects (issue 10 item 9)
+
+
+def test_failed_import_leaves_nothing_in_the_cache_and_the_rest_go_on(tmp_path: Path) -> None:
+    """A file that fails to convert was copied into the cache first (hundreds of MB for Caffe files)."""
+    bad = tmp_path / "train2_iter_20000.caffemodel"  # the trainval DeepLab v2 file's name, corrupt content
+    bad.write_bytes(np.random.default_rng(0).bytes(50_000))
+    home = tmp_path / "home"
+    result = run_cli("weights", "import", str(bad), str(SMALL_FILE), "-q", home=home)
+    assert result.returncode == 1
+    assert result.stdout.strip() == f"{SMALL}: {home / 'models' / f'{SMALL}.onnx'}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and "converting" not in result.stderr  # -q silences the notices
+    assert lines[0].startswith("deeplab: error: corrupt .caffemodel train2_iter_20000.caffemodel")
+    assert "(importing it as deeplab-v2-resnet101-trainval)" in lines[0]
+    assert lines[1] == f"deeplab: error: 1 of 2 files failed to import: {bad}"
+    assert sorted(p.name for p in (home / "sources").iterdir()) == [SMALL_FILE.name]
+    assert not (home / "models" / "deeplab-v2-resnet101-trainval.onnx").exists()
+
+
+def test_failed_user_import_leaves_nothing_in_the_cache(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    result = run_cli(
+        "weights", "import", str(SMALL_FILE), "--arch", "deeplabv3plus-mnv2-ade20k", "--name", "x", home=home
+    )
+    assert result.returncode == 1, result.stderr
+    leftovers = [p for p in home.rglob("*") if p.is_file() and p.parent.name != "locks"]
+    assert leftovers == []
+
+
+def test_weights_path_of_a_model_not_converted_says_so(tmp_path: Path) -> None:
+    result = run_cli("weights", "path", SMALL, home=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    where = tmp_path / "models" / f"{SMALL}.onnx"
+    assert result.stderr.strip() == (
+        f"deeplab: error: model '{SMALL}' is not converted yet (it will be {where}); "
+        f"run: deeplab weights fetch {SMALL}"
+    )
+    assert run_cli("weights", "path", home=tmp_path).stdout.strip() == str(tmp_path)
+
+
+def test_corrupt_and_missing_onnx_model_files_are_both_usage_errors(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07" + b"\xff" * 300)
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), str(foreign))
+    expected = {
+        tmp_path / "missing.onnx": "model file not found",
+        corrupt: "is not a valid ONNX file (truncated or corrupt)",
+        foreign: "has no 'deeplab.spec' metadata",
+    }
+    for model, message in expected.items():
+        result = run_cli(
+            "segment", str(DOG), "-o", str(tmp_path / "out"), "--model", str(model), home=tmp_path
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("deeplab: error: ") and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "dog_segmentation.png").exists()
+
+
+def test_unwritable_cache_folder_is_one_line_naming_deeplab_home(tmp_path: Path) -> None:
+    """A cache that cannot be written (here /sys, where nobody may create folders) gave a raw errno."""
+    home = Path("/sys/deeplab-cache-test")
+    if home.exists() or not Path("/sys").is_dir():
+        pytest.skip("needs a folder in which nothing can be created")
+    for args in (
+        ("weights", "import", str(SMALL_FILE)),
+        ("segment", str(DOG), "-o", str(tmp_path), "--model", SMALL),
+    ):
+        result = run_cli(*args, home=home)
+        assert result.returncode == 1, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"deeplab: error: cannot write to the weight cache {home} (")
+        assert "DEEPLAB_HOME" in line and "Errno" not in line
+
+
+def test_notice_hook_reports_a_conversion_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEEPLAB_HOME", str(tmp_path))
+    monkeypatch.setenv("DEEPLAB_MIRROR", str(WEIGHTS_MIRROR))
+    heard: list[str] = []
+    previous = weights.set_notice(heard.append)
+    try:
+        weights.ensure_onnx(SMALL, progress=False)
+        weights.ensure_onnx(SMALL, progress=False)  # cached: silent
+        assert len(heard) == 2
+        assert heard[0].startswith(f"converting {SMALL} to ONNX (once; about ") and heard[0].endswith(
+            " s)..."
+        )
+        assert heard[1].startswith("done in ") and float(heard[1].split()[2]) > 0
+    finally:
+        weights.set_notice(previous)
+
+
+def test_zoo_reads_user_rows_itself_and_picks_dataset_defaults(tmp_path: Path, monkeypatch) -> None:
+    """zoo imports nothing from the cache (issue 11): user rows are plain records in paths.models_dir()."""
+    monkeypatch.setenv("DEEPLAB_HOME", str(tmp_path))
+    row = dataclasses.replace(get_model(SMALL), name="mine", user=True, default=False)
+    zoo.user_record_path("mine").parent.mkdir(parents=True)
+    zoo.user_record_path("mine").write_text(row.to_json())
+    (tmp_path / "models" / "mine.onnx.json").write_text("{}")  # a conversion record, not a row
+    assert [s.name for s in zoo.user_models()] == ["mine"] and get_model("mine") == row
+    assert zoo.default_model_for("voc") == "deeplabv3-mnv2-voc"
+    assert zoo.default_model_for("ade20k") == "deeplabv3plus-mnv2-ade20k"
+    assert zoo.default_model_for("cityscapes") == "deeplabv3plus-mnv3-cityscapes"
+    zoo.user_record_path("mine").write_text("{not json")
+    with pytest.raises(WeightsError, match="corrupt model record .*mine.json"):
+        zoo.list_models()
