@@ -216,15 +216,9 @@ def _ensure(spec: ModelSpec) -> Path:
 
 def _spec_from_session(session: Any, path: Path) -> ModelSpec:
     """The registry row embedded in an exported file (the key and format are ``export``'s)."""
-    from deeplab_cli.export import METADATA_KEY
+    from deeplab_cli.export import spec_from_metadata
 
-    meta = session.get_modelmeta().custom_metadata_map
-    if METADATA_KEY not in meta:
-        raise WeightsError(f"{path} has no {METADATA_KEY!r} metadata: not exported by deeplab-cli")
-    try:
-        return ModelSpec.from_json(meta[METADATA_KEY])
-    except (ValueError, TypeError, KeyError) as exc:
-        raise WeightsError(f"{path}: unreadable {METADATA_KEY!r} metadata: {exc}") from exc
+    return spec_from_metadata(session.get_modelmeta().custom_metadata_map, path)
 
 
 def create_session(
