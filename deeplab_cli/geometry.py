@@ -25,7 +25,9 @@ from deeplab_cli.zoo import ModelSpec, Protocol
 # Resize methods a registry row may name (Protocol.resize_method).
 ALIGN_CORNERS = "bilinear_align_corners"  # TF's resize_bilinear(align_corners=True): no antialiasing
 PILLOW_BILINEAR = "pillow_bilinear"  # Pillow's bilinear on pixel centres (antialiased when shrinking)
-RESIZE_METHODS = (ALIGN_CORNERS, PILLOW_BILINEAR)
+PILLOW_LANCZOS = "pillow_lanczos"  # Pillow's ANTIALIAS (Lanczos): what the official DeepLab demo resizes with
+RESIZE_METHODS = (ALIGN_CORNERS, PILLOW_BILINEAR, PILLOW_LANCZOS)
+_PILLOW_FILTERS = {PILLOW_BILINEAR: Image.BILINEAR, PILLOW_LANCZOS: Image.LANCZOS}
 # Resize rules a registry row may name (Protocol.resize).
 RESIZE_RULES = ("none", "range", "longer_side")
 # Bound on the float32 scratch of one band of resampled scores (C x rows x W), in bytes.
@@ -78,8 +80,11 @@ def _tf_resize_to_range(
 
 
 def _scale_longer_side(height: int, width: int, longer: int) -> tuple[int, int]:
+    """The longer side made ``longer``, the other scaled alike and floored (as the DeepLab demo's int())."""
     scale = longer / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    if height >= width:
+        return longer, max(1, int(width * scale))
+    return max(1, int(height * scale)), longer
 
 
 def network_input_size(
@@ -147,10 +152,9 @@ def resize_image(rgb: np.ndarray, size: tuple[int, int], method: str) -> np.ndar
         return rgb
     if method == ALIGN_CORNERS:
         return resize_align_corners(rgb, size)
-    if method == PILLOW_BILINEAR:
-        return np.asarray(
-            Image.fromarray(np.asarray(rgb, np.uint8)).resize((size[1], size[0]), Image.BILINEAR)
-        )
+    if method in _PILLOW_FILTERS:
+        image = Image.fromarray(np.asarray(rgb, np.uint8))
+        return np.asarray(image.resize((size[1], size[0]), _PILLOW_FILTERS[method]))
     raise ValueError(f"unknown resize method {method!r} (known: {', '.join(RESIZE_METHODS)})")
 
 
