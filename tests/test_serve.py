@@ -26,10 +26,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
+import onnxruntime
 import pytest
 from conftest import IMAGES, VOC2012
 from PIL import Image
-from segment_helpers import DM05, command, run_process
+from segment_helpers import DM05, command, invoke, run_process
 
 pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
 
@@ -339,6 +340,15 @@ def test_a_model_that_fails_to_load_leaves_the_server_up_but_not_ready(tmp_path:
         assert_one_line_error(running.segment(VOC_IMAGE.read_bytes()), 503, "failed to load")
 
 
+def test_a_request_over_the_timeout_gets_504_and_the_server_goes_on(tmp_path: Path) -> None:
+    big = tmp_path / "big.png"
+    Image.open(VOC_IMAGE).resize((2000, 1400)).save(big)
+    with running_server("-m", DM05, "--workers", "1", "--timeout", "0.05") as running:
+        assert_one_line_error(running.segment(big.read_bytes(), "", "image/png"), 504, "0.05 s timeout")
+        assert running.call("/healthz").status == 200
+        assert 'status="504"' in running.call("/metrics").body.decode()
+
+
 def test_readiness_demands_the_gpu_that_was_asked_for() -> None:
     from deeplab_cli.serve.models import granted_ok
 
@@ -375,16 +385,16 @@ def test_sigterm_lets_requests_in_progress_finish_and_refuses_new_ones(tmp_path:
 
 
 def test_start_up_errors_are_one_line_with_exit_2() -> None:
-    unknown = run_process(["serve", "-m", "no-such-model", "--port", "0"], timeout=60)
+    unknown = invoke(["serve", "-m", "no-such-model", "--port", "0"])
     assert unknown.code == 2 and unknown.stderr.count("\n") == 1 and "no-such-model" in unknown.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        busy = run_process(["serve", "-m", DM05, "--port", port], timeout=60)
+        busy = invoke(["serve", "-m", DM05, "--port", port])
     assert busy.code == 2 and busy.stderr.startswith(f"deeplab: error: cannot listen on 127.0.0.1:{port}")
-    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
-        gpu = run_process(["serve", "-m", DM05, "--device", "cuda", "--port", "0"], timeout=60)
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        gpu = invoke(["serve", "-m", DM05, "--device", "cuda", "--port", "0"])
         assert gpu.code == 2 and "CUDA" in gpu.stderr and gpu.stderr.count("\n") == 1
 
 

@@ -28,7 +28,6 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deeplab_cli import __version__
-from deeplab_cli.device import parse_device
 from deeplab_cli.errors import UsageError
 from deeplab_cli.serve import metrics as metrics_text
 from deeplab_cli.serve.config import ServeConfig
@@ -249,14 +248,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         segmenter = served.segmenter
         crf = crf_params(segmenter.spec.crf, query.crf_overrides) if query.crf else None
         data = await _read_image_bytes(request)
-        device = parse_device(config.device)
         work = Work(
             segmenter=segmenter,
             data=data,
             query=query,
             crf=crf,
             crf_backend=config.crf_backend,
-            crf_device=str(device) if device.wants_cuda else "cpu",
+            crf_device=config.crf_device,
             max_pixels=config.max_pixels,
             submitted=submitted,
         )

@@ -59,6 +59,14 @@ class ServeConfig:
             raise UsageError(f"timeout must be > 0 seconds, got {self.timeout_s}")
 
     @property
+    def crf_device(self) -> str:
+        """Where the CRF runs: the GPU asked for with ``--device cuda[:N]``, else the CPU (as ``segment``)."""
+        from deeplab_cli.device import parse_device
+
+        device = parse_device(self.device)
+        return str(device) if device.wants_cuda else "cpu"
+
+    @property
     def capacity(self) -> int:
         """Segment requests admitted at once: one running per worker, ``max_queue`` waiting."""
         return self.workers + self.max_queue

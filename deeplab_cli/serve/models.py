@@ -68,6 +68,7 @@ class ModelSet:
     def load_all(self) -> None:
         for served in self.models.values():
             self._load(served)
+        warm_up_crf(self.config)
 
     def _load(self, served: ServedModel) -> None:
         from deeplab_cli.runtime import Segmenter
@@ -122,3 +123,21 @@ class ModelSet:
                 entry["error"] = served.error
             report[served.name] = entry
         return report
+
+
+def warm_up_crf(config: ServeConfig) -> None:
+    """Run the CRF backend once on a tiny image, so that the first ``crf=true`` request does not pay for
+    its imports and compilation (numba's first call compiles for tens of seconds without its disk cache).
+    Not part of readiness: requests without the CRF are served meanwhile."""
+    import numpy as np
+
+    from deeplab_cli.crf.params import CRFParams
+    from deeplab_cli.crf.runner import CRFRunner
+
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    probs = np.full((2, 8, 8), 0.5, dtype=np.float32)
+    try:
+        with CRFRunner(CRFParams(iterations=1), config.crf_backend, device=config.crf_device) as runner:
+            runner.refine(image, probs)
+    except Exception as exc:  # the requests that ask for the CRF will report it
+        print(f"deeplab: warning: CRF warm-up failed: {exc}", file=sys.stderr, flush=True)
