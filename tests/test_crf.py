@@ -11,10 +11,17 @@ test allows max 1e-4 and mean 1e-6 (two orders of magnitude of float32 noise ove
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from conftest import VOC2012, WEIGHTS_MIRROR, voc_sample_ids
+from conftest import REPO, VOC2012, WEIGHTS_MIRROR, voc_sample_ids
 from PIL import Image
 
 from deeplab_cli.crf import CRFParams, available_backends, refine, refine_batch
@@ -128,9 +135,9 @@ def test_batch_equals_single_images(samples) -> None:
         np.ascontiguousarray(samples[0][2][:, :200, :250]),
         np.ascontiguousarray(samples[1][2][:, 100:250, 200:420]),
     ]
-    singles = [refine(im, p, LARGEFOV) for im, p in zip(images, probs, strict=True)]
+    singles = [refine(im, p, LARGEFOV, backend="torch") for im, p in zip(images, probs, strict=True)]
     grouped = refine_torch_batch(images, probs, LARGEFOV, device="cpu")
-    listed = refine_batch(images, probs, LARGEFOV)
+    listed = refine_batch(images, probs, LARGEFOV, backend="torch")
     for s, g, b in zip(singles, grouped, listed, strict=True):
         np.testing.assert_allclose(g, s, atol=2e-6)
         np.testing.assert_array_equal(b, s)
@@ -142,6 +149,7 @@ def test_thread_pool_split_matches_single_thread(samples) -> None:
 
     _, image, probs = samples[2]
     image, probs = image[:200, :300].copy(), np.ascontiguousarray(probs[:, :200, :300])
+    torch.set_num_threads(1)  # numba's OpenMP layer (the auto backend, used above) may have changed it
     single = _operator_for([torch.from_numpy(image)], LARGEFOV, torch.device("cpu"))
     assert isinstance(single, CRFOperator) and single.engine == "scipy" and len(single.blocks) == 1
     unary = unary_from_probs(torch.from_numpy(probs).reshape(probs.shape[0], -1).t().contiguous(), 1.0)
@@ -156,18 +164,170 @@ def test_thread_pool_split_matches_single_thread(samples) -> None:
     torch.testing.assert_close(split, one, rtol=0, atol=2e-6)
 
 
-def test_worker_pool_runs_the_crf(samples) -> None:
+def test_worker_pool_runs_the_crf_and_stops_at_once(samples) -> None:
     (_, im0, p0), (_, im1, p1) = samples[:2]
     im0, p0 = im0[:120, :160].copy(), np.ascontiguousarray(p0[:, :120, :160])
     params = LARGEFOV.replace(iterations=3)
+    other = params.replace(bi_w=8.0, bi_rgb_std=3.0)
     with CRFRunner(params, backend="torch", workers=1, threads=1) as pool:
-        futures = [pool.submit(im0, p0), pool.submit(im1, p1)]
+        assert pool.mode == "processes"
+        futures = [pool.submit(im0, p0), pool.submit(im1, p1), pool.submit(im0, p0, other)]
         results = [f.result(timeout=120) for f in futures]
         bad = pool.submit(im0, p0[:, :10])
         with pytest.raises(ValueError, match="do not match"):
             bad.result(timeout=60)
-    for res, (im, p) in zip(results, [(im0, p0), (im1, p1)], strict=True):
-        np.testing.assert_allclose(res, refine(im, p, params, backend="torch"), atol=1e-6)
+        (worker,) = pool.worker_pids()
+        os.kill(worker, signal.SIGINT)  # Ctrl-C reaches the whole process group: the parent decides
+        np.testing.assert_allclose(pool.refine(im0, p0), results[0], atol=1e-6)
+        assert pool.worker_pids() == [worker]
+        pending = [pool.submit(im1, p1) for _ in range(2)]
+        start = time.perf_counter()
+        pool.close(cancel=True)
+        assert time.perf_counter() - start < 3
+    assert all(f.cancelled() or f.done() for f in pending)
+    assert not _alive(worker)
+    expected = [(im0, p0, params), (im1, p1, params), (im0, p0, other)]
+    for res, (im, p, chosen) in zip(results, expected, strict=True):
+        np.testing.assert_allclose(res, refine(im, p, chosen, backend="torch"), atol=1e-6)
+    assert not np.allclose(results[0], results[2])  # the per-image parameters were used
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for a reaper counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_workers_exit_when_their_parent_is_killed(tmp_path) -> None:
+    script = (
+        "import time\n"
+        "from deeplab_cli.crf import CRFParams\n"
+        "from deeplab_cli.crf.runner import CRFRunner\n"
+        "runner = CRFRunner(CRFParams(), backend='torch', workers=1)\n"
+        "runner.wait_ready()\n"
+        "print(runner.worker_pids()[0], flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        worker = int(parent.stdout.readline())
+        assert _alive(worker)
+        parent.kill()  # SIGKILL: no cleanup code runs in the parent
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_inline_runner_and_per_image_parameters(samples) -> None:
+    _, image, probs = samples[1]
+    params = LARGEFOV.replace(iterations=2)
+    with CRFRunner(params, backend="torch") as runner:
+        assert (runner.mode, runner.workers) == ("inline", 0)
+        np.testing.assert_array_equal(
+            runner.refine(image, probs), refine(image, probs, params, backend="torch")
+        )
+        softer = params.replace(unary_scale=0.5)
+        future = runner.submit(image, probs, softer)
+        assert future.done()
+        np.testing.assert_array_equal(future.result(), refine(image, probs, softer, backend="torch"))
+        assert isinstance(runner.submit(image, probs[:, :5]).exception(), ValueError)
+    with pytest.raises(RuntimeError, match="closed"):
+        runner.refine(image, probs)
+
+
+def test_gpu_batcher_groups_by_parameters(samples) -> None:
+    """The CUDA path's batching thread, run on the CPU device (no GPU here): results in order, per
+    parameter set, equal to single refines; cancelled work is dropped."""
+    from deeplab_cli.crf.runner import _GPUBatcher
+
+    (_, im0, p0), (_, im1, p1) = samples[:2]
+    params = LARGEFOV.replace(iterations=2)
+    other = params.replace(bi_xy_std=40.0)
+    batcher = _GPUBatcher(params, "cpu")
+    futures = [batcher.submit(im0, p0, None), batcher.submit(im1, p1, other), batcher.submit(im1, p1, None)]
+    results = [f.result(timeout=120) for f in futures]
+    batcher.close(cancel=False)
+    for res, (im, p, chosen) in zip(
+        results, [(im0, p0, params), (im1, p1, other), (im1, p1, params)], strict=True
+    ):
+        np.testing.assert_allclose(res, refine(im, p, chosen, backend="torch"), atol=2e-6)
+
+
+def test_cuda_index_reaches_the_crf(monkeypatch) -> None:
+    """``--device cuda:1`` runs the CRF on GPU 1 (torch sees two GPUs here by monkeypatching)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    runner = CRFRunner(CRFParams(), backend="auto", device="cuda:1", workers=2)
+    try:
+        assert (runner.torch_device, runner.backend, runner.mode, runner.workers) == (
+            "cuda:1",
+            "torch",
+            "gpu",
+            0,
+        )
+        assert runner._gpu is not None and runner._gpu.device == "cuda:1"
+    finally:
+        runner.close()
+    cpu_only = (
+        CRFRunner(CRFParams(), backend="pydensecrf", device="cuda:1")
+        if "pydensecrf" in available_backends()
+        else None
+    )
+    if cpu_only is not None:
+        assert (cpu_only.torch_device, cpu_only.mode) == (
+            "cpu",
+            "inline",
+        )  # CPU-only backends stay on the CPU
+    from deeplab_cli.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="2 GPU"):
+        CRFRunner(CRFParams(), device="cuda:2")
+
+
+def test_backend_is_checked_when_the_runner_is_made(monkeypatch) -> None:
+    from deeplab_cli.crf import backends
+
+    monkeypatch.setattr(backends, "is_installed", lambda name: name == "torch")
+    with pytest.raises(BackendUnavailableError, match=r"pip install \"deeplab-cli\[crf\]\""):
+        CRFRunner(CRFParams(), backend="pydensecrf", workers=1)
+    with pytest.raises(BackendUnavailableError, match="unknown CRF backend"):
+        CRFRunner(CRFParams(), backend="densecrf")
+    assert CRFRunner(CRFParams(), backend="auto").backend == "torch"  # auto without numba
+    monkeypatch.setattr(backends, "is_installed", lambda name: True)
+    assert CRFRunner(CRFParams(), backend="auto").backend == "numba"  # auto with numba, on the CPU
+
+
+@pytest.mark.parametrize(
+    ("cores", "gpu", "expected"),
+    [
+        (1, False, (0, 1)),
+        (2, False, (1, 1)),
+        (3, False, (1, 1)),
+        (8, False, (1, 2)),
+        (16, False, (2, 2)),
+        (64, False, (8, 2)),
+        (2, True, (1, 1)),
+        (16, True, (4, 3)),
+    ],
+)
+def test_core_split(cores: int, gpu: bool, expected: tuple[int, int]) -> None:
+    from deeplab_cli.crf.runner import default_crf_workers
+
+    workers, threads = default_crf_workers(cores, gpu)
+    assert (workers, threads) == expected
+    used = max(workers, 1) * threads
+    assert used <= (cores - 1 if cores > 1 else 1)  # the network (or the GPU's feeder) keeps a core
+    if not gpu and cores >= 4:
+        assert used <= cores // 4  # a CPU network keeps three quarters
 
 
 @pytest.mark.parametrize(
