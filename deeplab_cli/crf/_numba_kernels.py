@@ -1,0 +1,425 @@
+"""Compiled kernels of the numba CRF backend: lattice construction and the mean-field loop.
+
+Everything here follows Krähenbühl's ``permutohedral.cpp`` / ``densecrf.cpp`` (the code pydensecrf wraps)
+operation by operation, in float32 with the same rounding order, so that results agree with pydensecrf up
+to the last bits of ``exp`` and of the softmax sum:
+
+* lattice: elevation, rounding half to even, ranking (same tie-breaks), barycentric weights, and vertices
+  numbered in order of first use by the pixels (the hash-table order densecrf gets), with 32-bit keys
+  instead of 16-bit ones (no overflow on large images);
+* splat as a gather per vertex over its pixels in ascending pixel order (the order of densecrf's serial
+  scatter, so the sums are bit-identical, and threads never write the same vertex);
+* blur ``v + 0.5 (v[prev] + v[next])`` along the d+1 axes, a missing neighbour reading a zero row;
+* slice ``sum_r (w_r alpha) v[o_r]`` (densecrf's SSE path, used for more than two labels) or
+  ``sum_r (w_r v[o_r]) alpha`` (its scalar path: the normaliser and two labels).
+
+Values are vertex-major (V x C, a vertex's labels contiguous) so that the loops over labels vectorise;
+``prange`` runs over vertices (splat, blur) and over blocks of pixels (slice + softmax). No ``fastmath``:
+reassociation would change the rounding order that makes the results match.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    # GNU OpenMP (numba's default layer on Linux) breaks a fork()ed child that runs parallel code after
+    # its parent did; "forksafe" picks TBB if installed, else workqueue on Linux, OpenMP elsewhere.
+    numba.config.THREADING_LAYER = "forksafe"
+
+BLOCK = 512  # pixels per parallel task where a task needs scratch memory
+_HASH_MUL = np.uint64(2531011)
+_MISSING = -1
+
+
+@njit(cache=True, parallel=True)
+def locate(
+    features: np.ndarray, scale: np.ndarray, rem0: np.ndarray, rank: np.ndarray, bary: np.ndarray
+) -> None:
+    """Enclosing simplex of every point: remainder-0 corner ``rem0``, ``rank`` and barycentric weights.
+
+    ``features`` N x d float32; outputs N x (d+1) (int32, int32, float32).
+    """
+    n, d = features.shape
+    k1 = d + 1
+    down = np.float32(1.0) / np.float32(k1)
+    up = np.float32(k1)
+    n_blocks = (n + BLOCK - 1) // BLOCK
+    for b in prange(n_blocks):
+        elevated = np.empty(k1, np.float32)
+        r0 = np.empty(k1, np.float32)
+        rk = np.empty(k1, np.int32)
+        bc = np.empty(k1 + 1, np.float32)
+        for p in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
+            sm = np.float32(0.0)
+            for j in range(d, 0, -1):
+                cf = features[p, j - 1] * scale[j - 1]
+                elevated[j] = sm - np.float32(j) * cf
+                sm += cf
+            elevated[0] = sm
+            total = np.float32(0.0)
+            for i in range(k1):
+                v = np.float32(np.rint(down * elevated[i]))
+                r0[i] = v * up
+                total += v
+                rk[i] = 0
+            for i in range(d):
+                di = elevated[i] - r0[i]
+                for j in range(i + 1, k1):
+                    if di < elevated[j] - r0[j]:
+                        rk[i] += 1
+                    else:
+                        rk[j] += 1
+            shift = np.int32(total)
+            for i in range(k1):
+                rk[i] += shift
+                if rk[i] < 0:
+                    rk[i] += k1
+                    r0[i] += up
+                elif rk[i] >= k1:
+                    rk[i] -= k1
+                    r0[i] -= up
+            for i in range(k1 + 1):
+                bc[i] = np.float32(0.0)
+            for i in range(k1):
+                v = (elevated[i] - r0[i]) * down
+                q = d - rk[i]
+                bc[q] += v
+                bc[q + 1] -= v
+            bc[0] += np.float32(1.0) + bc[k1]
+            for i in range(k1):
+                rem0[p, i] = np.int32(r0[i])
+                rank[p, i] = rk[i]
+                bary[p, i] = bc[i]
+
+
+@njit(cache=True)
+def _hash(keys: np.ndarray, row: int, probe: np.ndarray, use_probe: bool) -> np.uint64:
+    h = np.uint64(0)
+    d = keys.shape[1]
+    for i in range(d):
+        k = probe[i] if use_probe else keys[row, i]
+        h = (h + np.uint64(np.int64(k) & 0xFFFFFFFF)) * _HASH_MUL
+    return h ^ (h >> np.uint64(29))
+
+
+@njit(cache=True)
+def _find(table: np.ndarray, keys: np.ndarray, probe: np.ndarray) -> int:
+    """Index of the vertex with key ``probe``, or -1 (read-only: safe to call from many threads)."""
+    mask = np.uint64(table.size - 1)
+    d = keys.shape[1]
+    h = _hash(keys, 0, probe, True) & mask
+    while True:
+        e = table[h]
+        if e < 0:
+            return _MISSING
+        same = True
+        for i in range(d):
+            if keys[e, i] != probe[i]:
+                same = False
+                break
+        if same:
+            return e
+        h = (h + np.uint64(1)) & mask
+
+
+@njit(cache=True)
+def _rehash(keys: np.ndarray, m: int, capacity: int) -> np.ndarray:
+    table = np.full(capacity, -1, np.int32)
+    mask = np.uint64(capacity - 1)
+    for e in range(m):
+        h = _hash(keys, e, keys[0], False) & mask
+        while table[h] >= 0:
+            h = (h + np.uint64(1)) & mask
+        table[h] = e
+    return table
+
+
+@njit(cache=True)
+def insert_vertices(rem0: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Number the simplex corners of all points in order of first use (densecrf's hash-table order).
+
+    Returns ``offsets`` (N x (d+1) int32: vertex of each corner), the vertex ``keys`` (M x d int32, the
+    first d lattice coordinates) and the final hash ``table`` (power-of-two size, -1 = empty).
+    """
+    n, k1 = rem0.shape
+    d = k1 - 1
+    capacity = 1024
+    while capacity < 2 * n:
+        capacity *= 2
+    table = np.full(capacity, -1, np.int32)
+    keys = np.empty((max(n, 16), d), np.int32)
+    offsets = np.empty((n, k1), np.int32)
+    probe = np.empty(d, np.int32)
+    m = 0
+    for p in range(n):
+        for r in range(k1):
+            for i in range(d):
+                # The canonical simplex: corner r adds r to coordinates ranked <= d - r, r - (d+1) above.
+                probe[i] = rem0[p, i] + (r if rank[p, i] <= d - r else r - k1)
+            if 2 * m >= capacity:
+                capacity *= 2
+                table = _rehash(keys, m, capacity)
+            mask = np.uint64(capacity - 1)
+            h = _hash(keys, 0, probe, True) & mask
+            while True:
+                e = table[h]
+                if e < 0:
+                    if m == keys.shape[0]:
+                        grown = np.empty((2 * m, d), np.int32)
+                        grown[:m] = keys
+                        keys = grown
+                    keys[m] = probe
+                    table[h] = m
+                    e = m
+                    m += 1
+                    break
+                same = True
+                for i in range(d):
+                    if keys[e, i] != probe[i]:
+                        same = False
+                        break
+                if same:
+                    break
+                h = (h + np.uint64(1)) & mask
+            offsets[p, r] = e
+    return offsets, keys[:m].copy(), table
+
+
+@njit(cache=True, parallel=True)
+def blur_neighbours(keys: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """(d+1) x M x 2 int32: previous and next vertex along each lattice axis (-1 where absent)."""
+    m, d = keys.shape
+    k1 = d + 1
+    out = np.empty((k1, m, 2), np.int32)
+    n_blocks = (m + BLOCK - 1) // BLOCK
+    for b in prange(n_blocks):
+        n1 = np.empty(k1, np.int32)
+        n2 = np.empty(k1, np.int32)
+        for v in range(b * BLOCK, min(m, (b + 1) * BLOCK)):
+            for j in range(k1):
+                for i in range(d):
+                    n1[i] = keys[v, i] - 1
+                    n2[i] = keys[v, i] + 1
+                if j < d:
+                    n1[j] = keys[v, j] + d
+                    n2[j] = keys[v, j] - d
+                out[j, v, 0] = _find(table, keys, n1)
+                out[j, v, 1] = _find(table, keys, n2)
+    return out
+
+
+@njit(cache=True)
+def splat_lists(offsets: np.ndarray, bary: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The splat as lists per vertex (CSR): pixel ids and barycentric weights, pixels ascending."""
+    n, k1 = offsets.shape
+    ptr = np.zeros(m + 1, np.int64)
+    for p in range(n):
+        for r in range(k1):
+            ptr[offsets[p, r] + 1] += 1
+    for v in range(m):
+        ptr[v + 1] += ptr[v]
+    fill = ptr[:-1].copy()
+    pix = np.empty(n * k1, np.int32)
+    wts = np.empty(n * k1, np.float32)
+    for p in range(n):
+        for r in range(k1):
+            e = fill[offsets[p, r]]
+            pix[e] = p
+            wts[e] = bary[p, r]
+            fill[offsets[p, r]] += 1
+    return ptr, pix, wts
+
+
+@njit(cache=True, parallel=True)
+def filter_ones(
+    offsets: np.ndarray, bary: np.ndarray, nbr: np.ndarray, ptr: np.ndarray, wts: np.ndarray
+) -> np.ndarray:
+    """``K 1`` as densecrf computes the normaliser (its scalar path: blur in double, slice (w v) alpha)."""
+    n, k1 = offsets.shape
+    m = ptr.size - 1
+    d = k1 - 1
+    alpha = np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-d))
+    a = np.zeros(m + 1, np.float32)
+    b = np.zeros(m + 1, np.float32)
+    for v in prange(m):
+        s = np.float32(0.0)
+        for e in range(ptr[v], ptr[v + 1]):
+            s += wts[e]  # w * 1
+        a[v] = s
+    for j in range(k1):
+        for v in prange(m):
+            n1 = nbr[j, v, 0]
+            n2 = nbr[j, v, 1]
+            lo = a[n1] if n1 >= 0 else np.float32(0.0)
+            hi = a[n2] if n2 >= 0 else np.float32(0.0)
+            b[v] = np.float32(np.float64(a[v]) + 0.5 * np.float64(lo + hi))
+        a, b = b, a
+    out = np.empty(n, np.float32)
+    for p in prange(n):
+        s = np.float32(0.0)
+        for r in range(k1):
+            s += (bary[p, r] * a[offsets[p, r]]) * alpha
+        out[p] = s
+    return out
+
+
+@njit(cache=True, parallel=True)
+def mean_field(
+    neg_unary: np.ndarray,
+    q: np.ndarray,
+    iterations: int,
+    offsets: np.ndarray,
+    bary: np.ndarray,
+    col_start: np.ndarray,
+    vert_start: np.ndarray,
+    nbr: np.ndarray,
+    nbr_start: np.ndarray,
+    ptr: np.ndarray,
+    pix: np.ndarray,
+    wts: np.ndarray,
+    vert_kernel: np.ndarray,
+    norms: np.ndarray,
+    kernel_w: np.ndarray,
+    alphas: np.ndarray,
+    scalar_path: bool,
+) -> None:
+    """``iterations`` mean-field updates of ``q`` (N x C, updated in place) for K stacked kernels.
+
+    Kernel k owns columns ``col_start[k]:col_start[k+1]`` of ``offsets``/``bary`` (vertex ids already
+    global), vertices ``vert_start[k]:vert_start[k+1]``, and blur neighbours (global ids, -1 = absent) in
+    rows ``nbr_start[k] + axis * M_k + i`` of ``nbr`` (R x 2) for its i-th vertex. ``ptr/pix/wts`` list each vertex's pixels; ``norms`` (K x N)
+    are the symmetric normalisers, ``kernel_w`` the Potts weights, ``alphas`` the slice constants.
+    Per iteration, as densecrf: ``q <- softmax(-U + sum_k w_k n_k K_k (n_k q))``.
+    """
+    n, c = q.shape
+    n_kernels = kernel_w.size
+    n_vert = vert_start[n_kernels]
+    buf_a = np.zeros((n_vert + 1, c), np.float32)  # row n_vert stays zero: the absent neighbour
+    buf_b = np.zeros((n_vert + 1, c), np.float32)
+    in_b = np.zeros(n_kernels, np.bool_)
+    half = np.float32(0.5)
+    n_blocks = (n + BLOCK - 1) // BLOCK
+    for _ in range(iterations):
+        for v in prange(n_vert):  # splat: gather the normalised q of the vertex's pixels
+            k = vert_kernel[v]
+            dst = buf_a[v]
+            for ch in range(c):
+                dst[ch] = np.float32(0.0)
+            for e in range(ptr[v], ptr[v + 1]):
+                p = pix[e]
+                w = wts[e]
+                nm = norms[k, p]
+                src = q[p]
+                for ch in range(c):
+                    dst[ch] += w * (src[ch] * nm)
+        for k in range(n_kernels):
+            src, dst = buf_a, buf_b
+            lo, hi = vert_start[k], vert_start[k + 1]
+            for axis in range(col_start[k + 1] - col_start[k]):
+                first = nbr_start[k] + axis * (hi - lo) - lo
+                for v in prange(lo, hi):
+                    n1 = nbr[first + v, 0]
+                    n2 = nbr[first + v, 1]
+                    if n1 < 0:
+                        n1 = n_vert
+                    if n2 < 0:
+                        n2 = n_vert
+                    out, own, prev, nxt = dst[v], src[v], src[n1], src[n2]
+                    if scalar_path:
+                        for ch in range(c):
+                            s = np.float64(prev[ch] + nxt[ch])
+                            out[ch] = np.float32(np.float64(own[ch]) + 0.5 * s)
+                    else:
+                        for ch in range(c):
+                            out[ch] = own[ch] + half * (prev[ch] + nxt[ch])
+                src, dst = dst, src
+            in_b[k] = (col_start[k + 1] - col_start[k]) % 2 == 1  # d+1 swaps: odd ends in buf_b
+        for blk in prange(n_blocks):  # slice, add to -U, softmax
+            acc = np.empty(c, np.float32)
+            scale = np.empty(c, np.float32)
+            bits = scale.view(np.int32)
+            for p in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
+                row = q[p]
+                u = neg_unary[p]
+                for ch in range(c):
+                    row[ch] = u[ch]
+                for k in range(n_kernels):
+                    vals = buf_b if in_b[k] else buf_a
+                    for ch in range(c):
+                        acc[ch] = np.float32(0.0)
+                    for r in range(col_start[k], col_start[k + 1]):
+                        src = vals[offsets[p, r]]
+                        if scalar_path:
+                            w = bary[p, r]
+                            for ch in range(c):
+                                acc[ch] += (w * src[ch]) * alphas[k]
+                        else:
+                            w = bary[p, r] * alphas[k]
+                            for ch in range(c):
+                                acc[ch] += w * src[ch]
+                    nm = norms[k, p]
+                    kw = kernel_w[k]
+                    for ch in range(c):
+                        row[ch] += kw * (acc[ch] * nm)
+                softmax_row(q[p], c, scale, bits)
+
+
+# Cephes' single-precision exp: exp(x) = 2**n * exp(r), n = round(x / ln 2), |r| <= ln(2)/2, with a
+# degree-6 polynomial for exp(r) (~1 ulp, as Eigen's vectorised exp that densecrf's softmax uses). Plain
+# arithmetic, unlike libm's expf, so that LLVM vectorises it over the labels.
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_MIN = np.float32(-87.0)
+_P0 = np.float32(1.9875691500e-4)
+_P1 = np.float32(1.3981999507e-3)
+_P2 = np.float32(8.3334519073e-3)
+_P3 = np.float32(4.1665795894e-2)
+_P4 = np.float32(1.6666665459e-1)
+_P5 = np.float32(5.0000001201e-1)
+_HALF = np.float32(0.5)
+_ONE = np.float32(1.0)
+
+
+@njit(cache=True, inline="always")
+def softmax_row(row: np.ndarray, c: int, scale: np.ndarray, scale_bits: np.ndarray) -> None:
+    """``row[:c] <- exp(row - max) / sum`` in place (densecrf's expAndNormalize).
+
+    ``scale`` is c float32 of scratch and ``scale_bits`` its int32 view (holds the 2**n factors).
+    """
+    top = row[0]
+    for ch in range(1, c):
+        if row[ch] > top:
+            top = row[ch]
+    for ch in range(c):
+        x = row[ch] - top
+        x = x if x > _EXP_MIN else _EXP_MIN
+        n = np.floor(x * _LOG2E + _HALF)
+        x = x - n * _LN2_HI - n * _LN2_LO
+        y = ((((_P0 * x + _P1) * x + _P2) * x + _P3) * x + _P4) * x + _P5
+        row[ch] = y * (x * x) + x + _ONE
+        scale_bits[ch] = (np.int32(n) + np.int32(127)) << np.int32(23)
+    total = np.float32(0.0)
+    for ch in range(c):
+        e = row[ch] * scale[ch]
+        row[ch] = e
+        total += e
+    for ch in range(c):
+        row[ch] = row[ch] / total
+
+
+@njit(cache=True, parallel=True)
+def softmax_rows(x: np.ndarray) -> None:
+    """Row-wise softmax of an N x C array in place."""
+    n, c = x.shape
+    n_blocks = (n + BLOCK - 1) // BLOCK
+    for b in prange(n_blocks):
+        scale = np.empty(c, np.float32)
+        bits = scale.view(np.int32)
+        for p in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
+            softmax_row(x[p], c, scale, bits)
