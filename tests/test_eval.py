@@ -204,3 +204,186 @@ def test_multiscale_max_fusion_and_alignment(segmenter, image):
     np.testing.assert_allclose(fused, np.maximum(half, full), rtol=1e-6, atol=1e-5)
     # half-scale scores land on the right pixels: labels agree with full scale nearly everywhere
     assert (labels_of(half) == labels_of(full)).mean() > 0.85
+
+
+# -- bad inputs, unwritable outputs, missing backends, signals (issue 10) -----------------------------------
+
+BLOCK_PYDENSECRF = """
+import sys
+
+
+class _Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "pydensecrf":
+            raise ImportError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+
+sys.meta_path.insert(0, _Blocker())
+"""
+
+
+def without_pydensecrf(tmp_path: Path) -> dict[str, str]:
+    """An environment whose interpreters cannot import pydensecrf (a sitecustomize blocks it)."""
+    folder = tmp_path / "block"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(BLOCK_PYDENSECRF)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(REPO)])}
+
+
+def test_missing_pydensecrf_is_one_line_before_any_work(tmp_path: Path):
+    env = without_pydensecrf(tmp_path)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    nowhere = str(tmp_path / "no-data")
+    commands = [
+        ["eval", "--data-root", nowhere, "--crf", "--crf-backend", "pydensecrf"],
+        ["eval", "--data-root", nowhere, "--crf", "--crf-backend", "pydensecrf", "--crf-workers", "0"],
+        ["crf", "tune", "--data-root", nowhere, "--crf-backend", "pydensecrf"],
+        ["crf", "tune", "--data-root", nowhere, "--crf-backend", "pydensecrf", "--workers", "0"],
+        ["segment", str(broken), "-o", str(tmp_path / "out"), "--crf", "--crf-backend", "pydensecrf"],
+    ]
+    for args in commands:
+        done = subprocess.run(
+            [sys.executable, "-m", "deeplab_cli", *args], capture_output=True, text=True, cwd=REPO, env=env
+        )
+        assert done.returncode == 2, (args, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and 'pip install "deeplab-cli[crf]"' in lines[0], (args, done.stderr)
+        assert "no PASCAL VOC" not in done.stderr and "broken.jpg" not in done.stderr  # nothing was read
+
+
+def test_crf_options_without_crf_are_a_usage_error():
+    done = run_cli("eval", "--split", "sample", "--data-root", str(VOC_ROOT), "--crf-iterations", "3")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "deeplab: error: --crf-iterations given without --crf (add --crf to refine)"
+
+
+def test_unwritable_outputs_fail_before_the_network(tmp_path: Path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for option in ("--json", "--plot"):
+        target = a_file / "r.out"  # a path under a regular file can never be written
+        done = run_cli(
+            "eval", "--split", "sample", "--data-root", str(VOC_ROOT), "--model", MODEL, option, str(target)
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"deeplab: error: cannot write {target}") and done.stdout == ""
+    done = run_cli("eval", "--split", "sample", "--data-root", str(VOC_ROOT), "--json", str(tmp_path))
+    assert done.returncode == 2 and "is a directory" in done.stderr
+
+
+def test_unknown_split_is_a_usage_error():
+    done = run_cli("eval", "--split", "vall", "--data-root", str(VOC_ROOT), "--model", MODEL)
+    assert done.returncode == 2
+    assert "VOC split 'vall' not found" in done.stderr and "Traceback" not in done.stderr
+
+
+def _voc_copy(root: Path, image_id: str, label_change: int | None) -> Path:
+    """A one-image VOC tree (real image and ground truth), optionally with an out-of-range label."""
+    base = root / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    (base / "JPEGImages" / f"{image_id}.jpg").write_bytes(
+        (VOC2012 / "JPEGImages" / f"{image_id}.jpg").read_bytes()
+    )
+    with Image.open(VOC2012 / "SegmentationClass" / f"{image_id}.png") as gt:
+        palette = gt.getpalette()
+        labels = np.array(gt)
+    if label_change is not None:
+        labels[:4, :4] = label_change
+    out = Image.fromarray(labels, mode="P")
+    out.putpalette(palette)
+    out.save(base / "SegmentationClass" / f"{image_id}.png")
+    (base / "ImageSets" / "Segmentation" / "one.txt").write_text(image_id + "\n")
+    return root
+
+
+def test_ground_truth_outside_the_class_range_is_one_line(tmp_path: Path):
+    root = _voc_copy(tmp_path / "voc", voc_sample_ids(1)[0], label_change=30)
+    done = run_cli("eval", "--split", "one", "--data-root", str(root), "--model", MODEL)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"deeplab: error: {voc_sample_ids(1)[0]}: ground truth has label(s) 30 outside the class range 0..20 "
+        "(and not the ignore value 255)"
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc), zombies excluded."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def interrupt_after_work_starts(
+    args: list[str], sig: int, tmp_path: Path
+) -> tuple[int, str, float, set[int]]:
+    """Start ``deeplab ARGS``; once its CRF workers run and it has worked a while, send ``sig``.
+
+    Returns the exit status, stderr, the seconds from the signal to the exit, and the processes it had
+    started that are still alive a moment after it exited.
+    """
+    import time
+
+    err = tmp_path / f"stderr-{sig}.txt"
+    with err.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deeplab_cli", *args], stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO
+        )
+        try:
+            deadline = time.monotonic() + 120
+            children: set[int] = set()
+            while time.monotonic() < deadline and process.poll() is None:
+                children = _descendants(process.pid)
+                if len(children) >= 2:  # the resource tracker and at least one CRF worker
+                    break
+                time.sleep(0.1)
+            assert process.poll() is None, err.read_text()
+            time.sleep(3)  # network and CRF at work
+            children = _descendants(process.pid)
+            start = time.monotonic()
+            process.send_signal(sig)
+            code = process.wait(timeout=30)
+            elapsed = time.monotonic() - start
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    time.sleep(1)
+    left = {pid for pid in children if _alive(pid)}
+    return code, err.read_text(), elapsed, left
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_eval_crf_interrupted_exits_130_and_leaves_no_process(tmp_path: Path, signame: str):
+    import signal as _signal
+
+    out = tmp_path / "r.json"
+    args = ["eval", "--split", "sample", "--data-root", str(VOC_ROOT), "--model", MODEL, "--crf"]
+    args += ["--crf-backend", "torch", "--crf-workers", "1", "--limit", "40", "--json", str(out), "-q"]
+    code, stderr, elapsed, left = interrupt_after_work_starts(args, getattr(_signal, signame), tmp_path)
+    assert code == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "deeplab: interrupted" and "Traceback" not in stderr, stderr
+    assert elapsed < 5, elapsed
+    assert not left, left
+    assert not out.exists() and not list(tmp_path.glob(".*r.json*"))  # nothing half-written

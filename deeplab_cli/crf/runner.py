@@ -17,27 +17,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import queue
 import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from deeplab_cli.device import Device, parse_device
+from deeplab_cli.errors import DeeplabError
 
 from .backends import CPU_ONLY, choose_backend
 from .params import CRFParams, CRFParamsError
 
 if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
     from types import TracebackType
 
-__all__ = ["CRFRunner", "default_crf_workers"]
+__all__ = ["CRFRunner", "CRFWorkerError", "default_crf_workers"]
 
 WATCHDOG_PERIOD_S = 0.25
 GPU_MAX_BATCH = 32
@@ -130,21 +135,80 @@ def _signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _worker_main(
+    conn: Connection, params: dict[str, object], backend: str, threads: int, parent: int
+) -> None:
+    """A CRF worker: set up, say ready, then refine what comes down the pipe until it closes."""
+    try:
+        _init_worker(params, backend, threads, parent)
+        conn.send(("ok", _warm_up()))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", _picklable(exc)))
+        return
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        try:
+            reply: tuple[str, object] = ("ok", _refine_in_worker(*task))
+        except Exception as exc:  # noqa: BLE001 - re-raised in the parent by the Future
+            reply = ("error", _picklable(exc))
+        conn.send(reply)
+
+
+def _picklable(exc: Exception) -> Exception:
+    """``exc`` if it survives pickling, else a one-line DeeplabError with its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return CRFWorkerError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+class CRFWorkerError(DeeplabError):
+    """A CRF worker process failed to start or stopped unexpectedly."""
+
+
+_Task = tuple[np.ndarray, np.ndarray, "CRFParams | None", "Future[np.ndarray]"]
+
+
 class _ProcessPool:
-    """CRF worker processes with a bounded number of images in flight."""
+    """CRF worker processes, one pipe and one feeding thread each, a bounded number of images in flight.
+
+    Pipes rather than ``ProcessPoolExecutor``'s queues: they hold no named semaphores, so a process that
+    exits at once on Ctrl-C (``os._exit``) leaves nothing for the resource tracker to complain about.
+    """
 
     def __init__(self, params: CRFParams, backend: str, workers: int, threads: int, max_pending: int):
         import multiprocessing
 
+        context = multiprocessing.get_context("spawn")
         self._slots = threading.BoundedSemaphore(max_pending)
-        self._executor = ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(params.to_dict(), backend, threads, os.getpid()),
-        )
-        with _signals_blocked():  # start every worker now, from this thread, with signals blocked
-            self._ready = [self._executor.submit(_warm_up) for _ in range(workers)]
+        self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._broken: Exception | None = None
+        self._running = workers
+        self._workers: list[tuple[BaseProcess, Connection]] = []
+        args = (params.to_dict(), backend, threads, os.getpid())
+        with _signals_blocked():  # children inherit the mask: no Ctrl-C traceback while they start
+            for _ in range(workers):
+                ours, theirs = context.Pipe()
+                process = context.Process(
+                    target=_worker_main, args=(theirs, *args), daemon=True, name="deeplab-crf"
+                )
+                process.start()
+                theirs.close()
+                self._workers.append((process, ours))
+        self._ready: list[Future[int]] = [Future() for _ in range(workers)]
+        self._feeders = [
+            threading.Thread(target=self._feed, args=(index,), daemon=True, name=f"crf-feed-{index}")
+            for index in range(workers)
+        ]
+        for feeder in self._feeders:
+            feeder.start()
 
     def wait_ready(self) -> None:
         """Block until every worker has started and run the backend once (for timing start-up)."""
@@ -152,30 +216,90 @@ class _ProcessPool:
             future.result()
 
     def submit(self, image: np.ndarray, probs: np.ndarray, params: CRFParams | None) -> Future[np.ndarray]:
+        if self._broken is not None:
+            raise self._broken
         self._slots.acquire()
-        try:
-            future = self._executor.submit(_refine_in_worker, image, probs, params)
-        except BaseException:
-            self._slots.release()
-            raise
+        future: Future[np.ndarray] = Future()
         future.add_done_callback(lambda _f: self._slots.release())
+        self._tasks.put((image, probs, params, future))
         return future
 
+    def _feed(self, index: int) -> None:
+        """Hand tasks to worker ``index`` one at a time; its death fails its task, not the caller."""
+        process, conn = self._workers[index]
+        try:
+            kind, value = conn.recv()
+        except (EOFError, OSError):
+            kind, value = (
+                "error",
+                CRFWorkerError(f"a CRF worker failed to start (exit code {process.exitcode})"),
+            )
+        if kind != "ok":
+            self._ready[index].set_exception(value)
+            self._stopped(value)
+            return
+        self._ready[index].set_result(value)
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                with contextlib.suppress(OSError):
+                    conn.send(None)
+                return
+            image, probs, params, future = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                conn.send((image, probs, params))
+                kind, value = conn.recv()
+            except (EOFError, OSError):
+                error = CRFWorkerError("a CRF worker process stopped unexpectedly")
+                future.set_exception(error)
+                self._stopped(error)
+                return
+            if kind == "ok":
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def _stopped(self, error: Exception) -> None:
+        """A feeder is gone; when none is left, fail what is still queued instead of hanging."""
+        with self._lock:
+            self._running -= 1
+            if self._running > 0:
+                return
+            self._broken = error
+        self._drain(error)
+
+    def _drain(self, error: Exception | None) -> None:
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                return
+            if task is None:
+                continue
+            future = task[3]
+            if error is None:
+                future.cancel()
+            elif future.set_running_or_notify_cancel():
+                future.set_exception(error)
+
     def pids(self) -> list[int]:
-        return [p.pid for p in list(self._executor._processes.values()) if p.pid is not None]
+        return [process.pid for process, _ in self._workers if process.pid is not None]
 
     def close(self, cancel: bool) -> None:
-        if not cancel:
-            self._executor.shutdown(wait=True)
-            return
-        processes = list(self._executor._processes.values())
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        for process in processes:  # they ignore SIGTERM by design: the parent ends them
-            if process.is_alive():
-                process.kill()
-        for process in processes:
-            process.join(timeout=5)
-        self._executor.shutdown(wait=True)
+        if cancel:
+            self._drain(None)
+            for process, _ in self._workers:  # they ignore SIGTERM by design: the parent ends them
+                if process.is_alive():
+                    process.kill()
+        for _ in self._workers:
+            self._tasks.put(None)
+        for process, conn in self._workers:
+            process.join(timeout=None if not cancel else 5)
+            conn.close()
+        for feeder in self._feeders:
+            feeder.join(timeout=5)
 
 
 # -- the GPU batcher --------------------------------------------------------------------------------------
