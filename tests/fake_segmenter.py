@@ -71,7 +71,7 @@ class FakePrediction:
     def class_fractions(self, class_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
         counts = np.bincount(self.labels.reshape(-1), minlength=len(CLASSES))
         rows = [
-            {"id": i, "name": CLASSES[i], "fraction": round(float(counts[i]) / self.labels.size, 6)}
+            {"id": int(i), "name": CLASSES[i], "fraction": round(float(counts[i]) / self.labels.size, 6)}
             for i in np.argsort(-counts, kind="stable")
             if counts[i]
         ]
