@@ -294,7 +294,8 @@ def mean_field(
     global), vertices ``vert_start[k]:vert_start[k+1]``, and blur neighbours (global ids, -1 = absent)
     in rows ``nbr_start[k] + axis * M_k + i`` of ``nbr`` (R x 2) for its i-th vertex. ``ptr/pix/wts``
     list each vertex's pixels; ``norms`` (K x N) are the symmetric normalisers, ``kernel_w`` the Potts
-    weights, ``alphas`` the slice constants. Per iteration, as densecrf: ``q <- softmax(-U + sum_k w_k n_k K_k (n_k q))``.
+    weights, ``alphas`` the slice constants. Per iteration, as densecrf:
+    ``q <- softmax(-U + sum_k w_k n_k K_k (n_k q))``.
     """
     n, c = q.shape
     n_kernels = kernel_w.size
