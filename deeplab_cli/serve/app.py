@@ -53,8 +53,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 SEGMENT_PATH = "/v1/segment"
 ALWAYS_OPEN = frozenset(["/healthz", "/readyz", "/metrics"])  # answered while draining too
-# An over-limit body up to this size is read and discarded before the 413, so that clients which send
-# the whole body before reading the answer see the 413, not a connection reset; beyond it, reset.
+# An over-limit body up to this size is read and discarded before the 413 (see _after_discarding);
+# beyond it, the connection is reset.
 DISCARD_LIMIT = 256 * 2**20
 
 
@@ -115,7 +115,8 @@ class Gate:
         state, path = self.state, scope["path"]
         if state.draining and path not in ALWAYS_OPEN:
             headers = {**state.retry_after(), "Connection": "close"}
-            await error_response(503, "the server is shutting down", headers)(scope, receive, send)
+            refusal = error_response(503, "the server is shutting down", headers)
+            await _after_discarding(refusal, state.config.max_body_bytes)(scope, receive, send)
             return
         if path != SEGMENT_PATH or scope["method"] != "POST":
             await self.app(scope, receive, send)
@@ -135,12 +136,10 @@ class Gate:
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
             response = error_response(413, _too_large(int(length), limit), {"Connection": "close"})
-            if int(length) <= DISCARD_LIMIT:  # read it away, so the client sees the answer, not a reset
-                return _after_discarding(response)
-            return response
+            return _after_discarding(response, DISCARD_LIMIT) if int(length) <= DISCARD_LIMIT else response
         if state.admitted >= state.config.capacity:
             message = f"busy: {state.admitted} requests in progress (workers + max queue); retry later"
-            return error_response(503, message, state.retry_after())
+            return _after_discarding(error_response(503, message, state.retry_after()), limit)
         return None
 
     def _limited(self, receive: Receive) -> Receive:
@@ -159,12 +158,15 @@ class Gate:
         return limited
 
 
-def _after_discarding(response: Response) -> ASGIApp:
-    """``response``, sent once the request body has been read and thrown away (chunk by chunk)."""
+def _after_discarding(response: Response, most: int) -> ASGIApp:
+    """``response``, sent once the request body (up to ``most`` bytes) has been read and thrown away,
+    chunk by chunk: clients that send the whole body before reading see the answer, not a reset."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        while True:
+        seen = 0
+        while seen <= most:
             message = await receive()
+            seen += len(message.get("body", b""))
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
         await response(scope, receive, send)
