@@ -387,3 +387,70 @@ def test_eval_crf_interrupted_exits_130_and_leaves_no_process(tmp_path: Path, si
     assert elapsed < 5, elapsed
     assert not left, left
     assert not out.exists() and not list(tmp_path.glob(".*r.json*"))  # nothing half-written
+
+
+# -- eval's CRF wiring with a fake segmenter (no ONNX model) ------------------------------------------------
+
+
+class TruthSegmenter:
+    """The Segmenter interface eval uses, scoring from the ground truth plus a fixed smooth disturbance:
+    its labels are right on most pixels and wrong in blobs, so the CRF has something to change."""
+
+    def __init__(self, dataset) -> None:
+        from dataclasses import dataclass, field
+
+        from deeplab_cli.evaluate import read_rgb
+        from deeplab_cli.zoo import get_model
+
+        @dataclass(frozen=True)
+        class Spec:
+            name: str = "truth-plus-noise"
+            num_classes: int = 21
+            class_names: tuple[str, ...] = tuple(get_model(MODEL).class_names)
+            palette: str = "voc"
+            crf: dict = field(default_factory=dict)
+
+        self.spec = Spec()
+        self.labels = {read_rgb(s.image_path).tobytes(): dataset.load_label(s) for s in dataset.samples}
+
+    def describe_protocol(self) -> str:
+        return "native size (fake)"
+
+    def scores(self, image: np.ndarray, scales=(1.0,), flip: bool = False) -> tuple[np.ndarray, dict]:
+        from scipy import ndimage
+
+        label = self.labels[image.tobytes()]
+        rng = np.random.default_rng(label.shape[0])
+        noise = ndimage.gaussian_filter(rng.normal(size=(21, *label.shape)), (0, 12, 12)).astype(np.float32)
+        logits = noise / noise.std()
+        truth = np.where(label == 255, 0, label).astype(np.int64)[None]
+        np.put_along_axis(logits, truth, np.take_along_axis(logits, truth, 0) + 3.0, 0)
+        return logits, {"infer": 0.0, "upsample": 0.0}
+
+
+def test_eval_refines_the_same_probabilities_it_scores():
+    from deeplab_cli.crf import CRFParams, refine
+    from deeplab_cli.crf.runner import CRFRunner
+    from deeplab_cli.datasets import open_dataset
+    from deeplab_cli.evaluate import evaluate, read_rgb
+    from deeplab_cli.geometry import labels_of, softmax
+    from deeplab_cli.metrics import ConfusionMatrix
+
+    dataset = open_dataset("voc", VOC_ROOT, "sample").limit(2)
+    fake = TruthSegmenter(dataset)
+    params = CRFParams(iterations=3)
+    with CRFRunner(params, backend="torch") as runner:
+        result = evaluate(fake, dataset, crf=runner)
+    plain, refined = ConfusionMatrix(21), ConfusionMatrix(21)
+    for sample in dataset.samples:
+        rgb, label = read_rgb(sample.image_path), dataset.load_label(sample)
+        logits, _ = fake.scores(rgb)
+        plain.update(label, labels_of(logits))
+        refined.update(label, labels_of(refine(rgb, softmax(logits), params, backend="torch")))
+    np.testing.assert_array_equal(result.plain.matrix.matrix, plain.matrix)
+    np.testing.assert_array_equal(result.crf.matrix.matrix, refined.matrix)
+    assert not np.array_equal(plain.matrix, refined.matrix)  # the CRF changed labels: the check has teeth
+    assert 0.3 < plain.pixel_accuracy() < 0.99, plain.pixel_accuracy()  # right mostly, wrong in blobs
+    document = result.to_dict()
+    assert document["protocol"] == {"text": "native size (fake)"}
+    assert document["crf_params"] == params.to_dict() and document["crf_backend"] == "torch, inline"

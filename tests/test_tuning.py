@@ -20,6 +20,7 @@ from deeplab_cli.zoo import get_model
 def load_crf_params(path: Path) -> CRFParams:
     return resolve(CRFParams(), path)
 
+
 MODEL = "deeplabv3-mnv2-voc"
 
 
@@ -198,3 +199,88 @@ def test_cli_tune_then_eval_with_the_file(tmp_path: Path):
     done = subprocess.run(run, capture_output=True, text=True, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "eval.json").read_text())["crf_params"] == params.to_dict()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "deeplab_cli", *args], capture_output=True, text=True, cwd=REPO
+    )
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ("bi_w=3;bi_xy_std=-30", "bi_xy_std must be > 0"),
+        ("bi_w=3;colour=2", "bad grid axis"),
+        ("bi_w=", "bad grid axis"),
+        ("bi_w=3;bi_rgb_std=x", "bad grid values"),
+    ],
+)
+def test_bad_grid_is_rejected_before_the_network(tmp_path: Path, grid: str, message: str):
+    # the data root does not exist: a grid error that comes first proves nothing was read or run
+    done = run_cli("crf", "tune", "--data-root", str(tmp_path / "none"), "--grid", grid)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+def test_bad_unary_scale_is_rejected_before_the_network(tmp_path: Path):
+    done = run_cli("crf", "tune", "--data-root", str(tmp_path / "none"), "--unary-scales", "1,0")
+    assert done.returncode == 2 and "unary_scale must be > 0" in done.stderr, done.stderr
+
+
+def test_unwritable_output_is_rejected_before_the_network(tmp_path: Path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    done = run_cli("crf", "tune", "--data-root", str(tmp_path / "none"), "-o", str(blocker / "best.json"))
+    assert done.returncode == 2 and done.stderr.startswith(f"deeplab: error: cannot write {blocker}"), (
+        done.stderr
+    )
+
+
+def test_best_parameters_are_printed_when_saving_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The disk fills up between the check and the save: the search's result still reaches the user."""
+    import errno
+
+    from click.testing import CliRunner
+
+    from deeplab_cli import files
+    from deeplab_cli.cli import cli
+
+    def disk_full(path: object, data: object, fsync: bool = False) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(files, "write_json", disk_full)
+    output = tmp_path / "best.json"
+    args = ["crf", "tune", "--split", "sample", "--data-root", str(VOC_ROOT), "--model", MODEL, "--n", "1"]
+    args += [
+        "--iterations",
+        "1",
+        "--grid",
+        "bi_w=4;bi_xy_std=40;bi_rgb_std=3",
+        "--no-fine",
+        "--unary-scales",
+        "1",
+    ]
+    args += ["--workers", "0", "--crf-backend", "torch", "-o", str(output), "-q"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    assert "best CRF: bi_w=4, bi_xy_std=40, bi_rgb_std=3" in result.stdout
+    assert f"cannot write {output}: No space left on device" in result.stderr
+    assert not output.exists()
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_tune_interrupted_exits_130_and_leaves_no_process(tmp_path: Path):
+    import signal
+
+    from test_eval import interrupt_after_work_starts
+
+    output = tmp_path / "best.json"
+    args = ["crf", "tune", "--split", "sample", "--data-root", str(VOC_ROOT), "--model", MODEL, "--n", "30"]
+    args += ["--crf-backend", "torch", "--workers", "1", "-o", str(output), "-q"]
+    code, stderr, elapsed, left = interrupt_after_work_starts(args, signal.SIGTERM, tmp_path)
+    assert code == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "deeplab: interrupted" and "Traceback" not in stderr, stderr
+    assert elapsed < 5, elapsed
+    assert not left, left
+    assert not output.exists()
