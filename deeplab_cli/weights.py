@@ -396,6 +396,8 @@ def import_file(path: Path, request: ImportRequest | None = None) -> list[ModelS
     """
     request = request or ImportRequest()
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give the files in it (e.g. {path / '*.tflite'})")
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
     try:
@@ -413,27 +415,34 @@ def _import(path: Path, request: ImportRequest) -> list[ModelSpec]:
         return [_import_user(path, _user_spec(path, digest, request))]
     spec = find_by_sha256(digest)
     if spec is not None:
-        return [_import_as(spec, path)]
+        return [_import_as(spec, path, digest)]
     if zipfile.is_zipfile(path):
         specs = _archive_specs(path)
         if specs:
             return _import_archive(path, specs)
     spec = _match_by_name(path.name)
     if spec is not None:
-        return [_import_as(spec, path)]
+        return [_import_as(spec, path, digest)]
     raise WeightsError(
         f"{path.name} (sha256 {digest[:12]}...) matches no registry model; to import your own "
         "weights give --arch and --name (see: deeplab models for architectures)"
     )
 
 
-def _import_as(spec: ModelSpec, path: Path) -> ModelSpec:
-    """Convert a registry model's file straight from where it lies, then keep a copy in the cache."""
+def _import_as(spec: ModelSpec, path: Path, digest: str) -> ModelSpec:
+    """Convert a registry model's file straight from where it lies, then keep a copy in the cache.
+
+    A file already imported (same sha256, converted model intact) is not converted again, so that
+    re-running ``deeplab weights import folder/*.tflite`` is quick.
+    """
     source, member = _require_source(spec), member_path(spec)
     keep = paths.sources_dir() / source.file
     if member is not None and path.name == Path(source.archive_member or "").name:
         keep = member  # the bare weight file of a release archive
     with _lock(spec.name):
+        record = _cached_record(spec)
+        if record is not None and record.get("source_sha256") == digest and keep.is_file():
+            return spec
         try:
             _convert(spec, path)
         except WeightsError as exc:
@@ -557,11 +566,14 @@ def _read_classes(path: Path) -> list[str]:
     return names
 
 
-def export_model(spec: ModelSpec | str, dest: Path, *, fp16: bool = False, progress: bool = True) -> Path:
+def export_model(
+    spec: ModelSpec | str, dest: Path, *, fp16: bool = False, progress: bool = True, overwrite: bool = False
+) -> Path:
     """Write ``spec``'s ONNX model (dynamic batch, height and width) to ``dest``, optionally in float16.
 
     float32 is the cached model itself; float16 goes through the same conversion as the cache
-    (:func:`deeplab_cli.export.convert_to_onnx`) from the released file.
+    (:func:`deeplab_cli.export.convert_to_onnx`) from the released file. An existing ``dest`` is
+    replaced only with ``overwrite`` (checked before any work).
     """
     if not isinstance(spec, ModelSpec):
         spec = get_model(spec)
@@ -570,6 +582,8 @@ def export_model(spec: ModelSpec | str, dest: Path, *, fp16: bool = False, progr
         dest = dest / f"{spec.name}{'-fp16' if fp16 else ''}.onnx"
     if not dest.parent.is_dir():
         raise UsageError(f"output folder does not exist: {dest.parent}")
+    if dest.exists() and not overwrite:
+        raise UsageError(f"{dest} exists; pass --force to replace it")
     if not fp16:
         return copy_file(ensure_onnx(spec, progress=progress), dest)
     from deeplab_cli.export import convert_to_onnx

@@ -225,6 +225,32 @@ def test_every_released_file_imports_offline_in_one_command(released_home) -> No
     )
 
 
+def test_importing_again_converts_nothing_and_a_folder_is_reported(released_home) -> None:
+    home, _ = released_home
+    stamps = {p: p.stat().st_mtime_ns for p in (home / "models").glob("*.onnx")}
+    folder = WEIGHTS_MIRROR / "deeplabv3-mnv2-voc"
+    result = run_cli("weights", "import", str(folder), *map(str, RELEASED), home=home)
+    assert result.returncode == 1
+    assert len(result.stdout.splitlines()) == len(RELEASED) and "converting" not in result.stderr
+    assert result.stderr.splitlines()[0] == (
+        f"deeplab: error: {folder} is a folder; give the files in it (e.g. {folder / '*.tflite'})"
+    )
+    assert {p: p.stat().st_mtime_ns for p in (home / "models").glob("*.onnx")} == stamps
+
+
+def test_export_never_overwrites_an_existing_file(released_home, tmp_path: Path) -> None:
+    home, _ = released_home
+    mine = tmp_path / "mine.onnx"
+    mine.write_bytes(b"the user's own file")
+    result = run_cli("export", SMALL, "-o", str(mine), home=home)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"deeplab: error: {mine} exists; pass --force to replace it"
+    assert mine.read_bytes() == b"the user's own file"
+    forced = run_cli("export", SMALL, "-o", str(mine), "--force", home=home)
+    assert forced.returncode == 0, forced.stderr
+    assert onnx.load(str(mine)).graph.output[0].name == "logits"
+
+
 @pytest.mark.parametrize("model", [registry_name_of(path) for path in RELEASED])
 def test_each_imported_model_segments_offline(released_home, tmp_path: Path, model: str) -> None:
     home, _ = released_home
@@ -280,20 +306,23 @@ def test_truncated_or_corrupt_cached_onnx_is_repaired(released_home, tmp_path: P
 # --------------------------------------------------------------- cache defects (issue 10 item 9)
 
 
-def test_failed_import_leaves_nothing_in_the_cache_and_the_rest_go_on(tmp_path: Path) -> None:
+def test_failed_import_leaves_nothing_in_the_cache_and_the_rest_go_on(released_home, tmp_path: Path) -> None:
     """A file that fails to convert was copied into the cache first (hundreds of MB for Caffe files)."""
     bad = tmp_path / "train2_iter_20000.caffemodel"  # the trainval DeepLab v2 file's name, corrupt content
     bad.write_bytes(np.random.default_rng(0).bytes(50_000))
-    home = tmp_path / "home"
-    result = run_cli("weights", "import", str(bad), str(SMALL_FILE), "-q", home=home)
+    home = released_home[0]
+    before = sorted(p.name for p in (home / "sources").iterdir())
+    renamed = tmp_path / "downloaded.bin"  # identified by its sha256 whatever its name
+    shutil.copyfile(SMALL_FILE, renamed)
+    result = run_cli("weights", "import", str(bad), str(renamed), "-q", home=home)
     assert result.returncode == 1
     assert result.stdout.strip() == f"{SMALL}: {home / 'models' / f'{SMALL}.onnx'}"
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 2 and "converting" not in result.stderr  # -q silences the notices
+    assert len(lines) == 2
     assert lines[0].startswith("deeplab: error: corrupt .caffemodel train2_iter_20000.caffemodel")
     assert "(importing it as deeplab-v2-resnet101-trainval)" in lines[0]
     assert lines[1] == f"deeplab: error: 1 of 2 files failed to import: {bad}"
-    assert sorted(p.name for p in (home / "sources").iterdir()) == [SMALL_FILE.name]
+    assert sorted(p.name for p in (home / "sources").iterdir()) == before
     assert not (home / "models" / "deeplab-v2-resnet101-trainval.onnx").exists()
 
 
@@ -352,23 +381,6 @@ def test_unwritable_cache_folder_is_one_line_naming_deeplab_home(tmp_path: Path)
         (line,) = result.stderr.strip().splitlines()
         assert line.startswith(f"deeplab: error: cannot write to the weight cache {home} (")
         assert "DEEPLAB_HOME" in line and "Errno" not in line
-
-
-def test_notice_hook_reports_a_conversion_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DEEPLAB_HOME", str(tmp_path))
-    monkeypatch.setenv("DEEPLAB_MIRROR", str(WEIGHTS_MIRROR))
-    heard: list[str] = []
-    previous = weights.set_notice(heard.append)
-    try:
-        weights.ensure_onnx(SMALL, progress=False)
-        weights.ensure_onnx(SMALL, progress=False)  # cached: silent
-        assert len(heard) == 2
-        assert heard[0].startswith(f"converting {SMALL} to ONNX (once; about ") and heard[0].endswith(
-            " s)..."
-        )
-        assert heard[1].startswith("done in ") and float(heard[1].split()[2]) > 0
-    finally:
-        weights.set_notice(previous)
 
 
 def test_zoo_reads_user_rows_itself_and_picks_dataset_defaults(tmp_path: Path, monkeypatch) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from deeplab_cli.weights import export_model
+from deeplab_cli import weights
 
 
 @click.command("export")
@@ -21,7 +21,9 @@ from deeplab_cli.weights import export_model
 @click.option(
     "--fp16", is_flag=True, help="Store weights and compute in float16 (inputs/outputs stay float32)."
 )
-def export(name: str, output: Path, fp16: bool) -> None:
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No conversion notices.")
+def export(name: str, output: Path, fp16: bool, force: bool, quiet: bool) -> None:
     """Export model NAME to ONNX.
 
     The graph takes `image` float32 [N,3,H,W] (RGB, 0..255; it normalises itself) and returns `logits`
@@ -30,5 +32,8 @@ def export(name: str, output: Path, fp16: bool) -> None:
     \b
     Example:
       deeplab export deeplabv3-mnv2-voc -o deeplabv3.onnx
+      deeplab export deeplabv3-mnv2-voc -o deeplabv3-fp16.onnx --fp16
     """
-    click.echo(export_model(name, output, fp16=fp16))
+    if quiet:
+        weights.set_notice(None)
+    click.echo(weights.export_model(name, output, fp16=fp16, overwrite=force))

@@ -61,7 +61,7 @@ def fetch(names: tuple[str, ...], fetch_all: bool, mirror: tuple[Path, ...], qui
 
 
 @weights.command("import")
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--arch", help="Architecture of a file no registry row knows (see `deeplab models --json`).")
 @click.option("--name", help="Name for the imported model (with --arch).")
 @click.option(
