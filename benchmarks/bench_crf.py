@@ -1,13 +1,13 @@
-"""Dense CRF speed: our torch backend vs pydensecrf2 on the same inputs, measured in one run.
+"""Dense CRF speed on the CPU: the numba backend vs pydensecrf2 (and torch), measured in one run.
 
-A 500x375 VOC image, 21 classes of real-looking probabilities (a smoothed random field sharpened by a
-softmax, or the real model's output with --tflite), 10 iterations, DeepLab-LargeFOV parameters. Runs of
-the two backends are interleaved so that machine load affects both alike; medians and the ratio
-(torch / pydensecrf, lower is better) are printed. "cold" rebuilds every lattice (the smoothness
-lattice cache is cleared); "warm" keeps the cached smoothness lattice, as in a folder of same-size
-images. With CUDA available it also times a batch of 32 images on the GPU (images/s, ms per image).
+A real 500x375 VOC image with the default model's probabilities (21 classes; ``--synthetic``: a smoothed
+random field instead), 10 iterations, DeepLab-LargeFOV parameters. The backends run interleaved, so that
+machine load affects them alike; medians of wall time and of process CPU time (``time.process_time``:
+all threads of this process) and the ratios to pydensecrf (lower is better) are printed, then the
+lattice build time alone, 151 classes (ADE20K) and one 2048x1024 frame (Cityscapes size, 19 classes).
+"numba 1 thread" shows the per-core gain; "numba" uses all of numba's threads (``--threads``).
 
-    python benchmarks/bench_crf.py [--repeats 7] [--threads N] [--tflite]
+    python benchmarks/bench_crf.py [--repeats 5] [--threads N] [--synthetic] [--no-large]
 """
 
 from __future__ import annotations
@@ -17,35 +17,28 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-# libgomp's default (spinning) wait policy burns the CPU that scipy's threads and other processes need
-# on a busy 2-core machine; the CLI sets the same default. Export OMP_WAIT_POLICY=ACTIVE to compare.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI: spinning OpenMP threads steal the cores
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from deeplab_cli.crf import (  # noqa: E402
-    CRFParams,
-    available_backends,
-    refine,
-    refine_batch,
-    torch_backend,  # noqa: E402
-)
+from deeplab_cli.crf import CRFParams, available_backends, refine  # noqa: E402
+from deeplab_cli.crf import numba_backend as nb  # noqa: E402
 
 SHARED = Path(os.environ.get("DEEPLAB_SHARED", REPO.parent / "shared"))
 VOC = SHARED / "voc" / "VOC2012"
-TFLITE = SHARED / "weights" / "deeplabv3-mnv2-voc" / "lite-model_mobilenetv2-coco_dr_1.tflite"
+LARGEFOV = CRFParams()  # 10 iterations, pos 3/3, bilateral 4/121/5
 
 
-def load_image(size=(375, 500)) -> tuple[np.ndarray, str]:
-    ids = (VOC / "ImageSets" / "Segmentation" / "sample.txt").read_text().split()
-    for sid in ids:
+def load_image(size: tuple[int, int] = (375, 500)) -> tuple[np.ndarray, str]:
+    """The first VOC sample image of ``size`` (H, W)."""
+    for sid in (VOC / "ImageSets" / "Segmentation" / "sample.txt").read_text().split():
         im = np.asarray(Image.open(VOC / "JPEGImages" / f"{sid}.jpg").convert("RGB"))
         if im.shape[:2] == size:
             return im.copy(), sid
@@ -54,110 +47,118 @@ def load_image(size=(375, 500)) -> tuple[np.ndarray, str]:
 
 def synthetic_probs(h: int, w: int, c: int = 21, seed: int = 0) -> np.ndarray:
     """Smooth random logits at stride 8, upsampled bilinearly and softmaxed (like a network's output)."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(1, c, h // 8 + 2, w // 8 + 2, generator=g) * 4
-    up = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=True)
-    return torch.softmax(up[0], 0).numpy()
+    rng = np.random.default_rng(seed)
+    low = rng.standard_normal((c, h // 8 + 2, w // 8 + 2)).astype(np.float32) * 4
+    up = np.stack([np.asarray(Image.fromarray(ch).resize((w, h), Image.BILINEAR)) for ch in low])
+    e = np.exp(up - up.max(0))
+    return (e / e.sum(0)).astype(np.float32)
 
 
-def tflite_probs(image: np.ndarray) -> np.ndarray:
-    from ai_edge_litert.interpreter import Interpreter
+def model_probs(image: np.ndarray) -> np.ndarray:
+    """The default model's probabilities (its weights are converted once into the DEEPLAB_HOME cache)."""
+    os.environ.setdefault("DEEPLAB_MIRROR", str(SHARED / "weights"))
+    from deeplab_cli.runtime import Segmenter
 
-    it = Interpreter(model_path=str(TFLITE))
-    it.allocate_tensors()
-    h, w, _ = image.shape
-    x = np.zeros((1, 513, 513, 3), np.float32)
-    x[0, :h, :w] = image / 127.5 - 1
-    it.set_tensor(it.get_input_details()[0]["index"], x)
-    it.invoke()
-    lo = torch.from_numpy(it.get_tensor(it.get_output_details()[0]["index"]).copy()).permute(0, 3, 1, 2)
-    up = torch.nn.functional.interpolate(lo, size=(513, 513), mode="bilinear", align_corners=True)
-    return torch.softmax(up[0, :, :h, :w], 0).numpy()
+    probs = Segmenter(device="cpu").predict(image, return_probs=True).probs
+    return np.ascontiguousarray(probs, dtype=np.float32)
 
 
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def timed_both(fn) -> tuple[float, float]:
-    """Wall-clock and process CPU seconds (CPU time is steadier on a shared machine)."""
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one call."""
     t, c = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - t, time.process_time() - c
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--tflite", action="store_true", help="use the real model's probabilities")
-    ap.add_argument("--engines", default="scipy,torch", help="CPU sparse engines to time")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    image, sid = load_image()
-    probs = tflite_probs(image) if args.tflite else synthetic_probs(*image.shape[:2])
-    params = CRFParams()  # LargeFOV: 10 iterations, 3/3, 4/121/5
-    print(f"image {sid} {image.shape[1]}x{image.shape[0]}, {probs.shape[0]} classes, {params}")
-    print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
-        f"load {os.getloadavg()[0]:.1f}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
-    )
-
-    runs: dict[str, list[float]] = {}
-    cpu: dict[str, list[float]] = {}
-    cases = {}
-    if "pydensecrf" in available_backends():
-        cases["pydensecrf"] = lambda: refine(image, probs, params, backend="pydensecrf")
-    for eng in args.engines.split(","):
-
-        def cold(eng=eng):
-            torch_backend.clear_cache()
-            return torch_backend.refine_torch(image, probs, params, "cpu", eng)
-
-        cases[f"torch[{eng}] cold"] = cold
-        cases[f"torch[{eng}] warm"] = lambda eng=eng: torch_backend.refine_torch(
-            image, probs, params, "cpu", eng
-        )
-    for fn in cases.values():  # warm-up (imports, allocator)
-        fn()
-    for _ in range(args.repeats):
+def interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, cpu) per case over ``repeats`` rounds, each round running every case once."""
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
+    for _ in range(repeats):
         for name, fn in cases.items():
-            wall, used = timed_both(fn)
-            runs.setdefault(name, []).append(wall)
-            cpu.setdefault(name, []).append(used)
-    ref = statistics.median(runs["pydensecrf"]) if "pydensecrf" in runs else None
-    ref_cpu = statistics.median(cpu["pydensecrf"]) if "pydensecrf" in cpu else None
-    for name, ts in runs.items():
-        med, med_cpu = statistics.median(ts), statistics.median(cpu[name])
-        ratio = f"  ratio {med / ref:.2f} (cpu {med_cpu / ref_cpu:.2f})" if ref else ""
-        wall = f"wall median {med * 1000:7.1f} ms (min {min(ts) * 1000:6.1f})"
-        print(f"{name:22s} {wall}, cpu {med_cpu * 1000:7.1f} ms{ratio}")
-    if ref:
-        out = {
-            "pydensecrf": refine(image, probs, params, backend="pydensecrf"),
-            "torch": refine(image, probs, params, backend="torch", device="cpu"),
-        }
-        d = np.abs(out["torch"] - out["pydensecrf"])
-        agree = (out["torch"].argmax(0) == out["pydensecrf"].argmax(0)).mean()
-        print(f"agreement torch vs pydensecrf: labels {agree * 100:.3f} %, max |dQ| {d.max():.2e}")
+            runs[name].append(timed(fn))
+    return {
+        n: (statistics.median(w for w, _ in r), statistics.median(c for _, c in r)) for n, r in runs.items()
+    }
 
-    if torch.cuda.is_available():
-        dev = "cuda"
-        images = [image] * 32
-        probs_list = [probs] * 32
-        refine_batch(images[:2], probs_list[:2], params, device=dev)
-        ts, single = [], []
-        for _ in range(3):
-            torch.cuda.synchronize()
-            ts.append(timed(lambda: refine_batch(images, probs_list, params, device=dev)))
-            single.append(timed(lambda: refine(image, probs, params, device=dev)))
-        med = statistics.median(ts)
-        one = statistics.median(single)
-        name = torch.cuda.get_device_name()
-        print(f"cuda ({name}): batch of 32 {med * 1000:.0f} ms = {32 / med:.1f} images/s,")
-        print(f"  {med / 32 * 1000:.1f} ms per image in a batch; single image {one * 1000:.1f} ms")
+
+def table(title: str, medians: dict[str, tuple[float, float]], ref: str | None) -> None:
+    print(f"\n{title}")
+    print(f"  {'backend':24s} {'wall ms':>9s} {'cpu ms':>9s} {'wall ratio':>10s} {'cpu ratio':>9s}")
+    base = medians.get(ref) if ref else None
+    for name, (wall, cpu) in medians.items():
+        ratios = f"{wall / base[0]:10.2f} {cpu / base[1]:9.2f}" if base else ""
+        print(f"  {name:24s} {wall * 1000:9.1f} {cpu * 1000:9.1f} {ratios}")
+
+
+def backend_cases(
+    image: np.ndarray, probs: np.ndarray, threads: int, torch_too: bool
+) -> dict[str, Callable[[], object]]:
+    cases: dict[str, Callable[[], object]] = {}
+    if "pydensecrf" in available_backends():
+        cases["pydensecrf"] = lambda: refine(image, probs, LARGEFOV, backend="pydensecrf")
+    cases[f"numba {threads} threads"] = lambda: nb.refine_numba(image, probs, LARGEFOV, threads=threads)
+    if threads != 1:
+        cases["numba 1 thread"] = lambda: nb.refine_numba(image, probs, LARGEFOV, threads=1)
+    if torch_too:
+        cases["torch"] = lambda: refine(image, probs, LARGEFOV, backend="torch", device="cpu")
+    return cases
+
+
+def agreement(image: np.ndarray, probs: np.ndarray) -> str:
+    if "pydensecrf" not in available_backends():
+        return "pydensecrf not installed: no agreement check"
+    ref = refine(image, probs, LARGEFOV, backend="pydensecrf")
+    got = nb.refine_numba(image, probs, LARGEFOV)
+    labels = (got.argmax(0) == ref.argmax(0)).mean() * 100
+    return f"numba vs pydensecrf: labels {labels:.3f} % equal, max |dQ| {np.abs(got - ref).max():.1e}"
+
+
+def main() -> None:
+    import numba
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS)
+    ap.add_argument("--synthetic", action="store_true", help="synthetic probabilities, not the model's")
+    ap.add_argument("--no-large", action="store_true", help="skip the 151-class and 2048x1024 cases")
+    args = ap.parse_args()
+
+    image, sid = load_image()
+    probs = synthetic_probs(*image.shape[:2]) if args.synthetic else model_probs(image)
+    t0 = time.perf_counter()
+    nb.refine_numba(image[:32, :32].copy(), np.ascontiguousarray(probs[:, :32, :32]), LARGEFOV)
+    first = time.perf_counter() - t0
+    print(f"image {sid} {image.shape[1]}x{image.shape[0]}, {probs.shape[0]} classes, {LARGEFOV}")
+    print(
+        f"numba {numba.__version__} ({numba.threading_layer()} layer), threads {args.threads}, "
+        f"cpus {os.cpu_count()}, load {os.getloadavg()[0]:.1f}; first numba call {first:.1f} s "
+        "(compile, or load from the disk cache)"
+    )
+    cases = backend_cases(image, probs, args.threads, torch_too=True)
+    for fn in cases.values():  # warm-up: imports, allocators, cached smoothness lattices
+        fn()
+    table("500x375, 21 classes, 10 iterations (medians)", interleaved(cases, args.repeats), "pydensecrf")
+    print("  " + agreement(image, probs))
+
+    def lattices() -> None:
+        nb.clear_cache()
+        nb.lattices_for(image, LARGEFOV)
+
+    wall, cpu = interleaved({"lattices": lattices}, args.repeats)["lattices"]
+    print(
+        f"\nlattice build alone (both kernels, with normalisers): wall {wall * 1000:.1f} ms, cpu {cpu * 1000:.1f}"
+    )
+    if args.no_large:
+        return
+    many = synthetic_probs(*image.shape[:2], c=151)
+    big_image = np.asarray(Image.fromarray(image).resize((2048, 1024), Image.BILINEAR))
+    big = synthetic_probs(1024, 2048, c=19)
+    for title, im, p in (
+        ("500x375, 151 classes (ADE20K), synthetic probabilities", image, many),
+        ("2048x1024, 19 classes (Cityscapes frame), synthetic probabilities", big_image, big),
+    ):
+        cases = backend_cases(im, p, args.threads, torch_too=False)
+        table(title + " (medians)", interleaved(cases, max(1, args.repeats // 2)), "pydensecrf")
 
 
 if __name__ == "__main__":
