@@ -316,14 +316,28 @@ def fetch(name: str, *, mirrors: list[Path] | None = None, progress: bool = True
     """Get, verify and convert a model; returns (ONNX path, what happened).
 
     What happened is ``"ready"`` (the cached file matches its record, sha256 included), ``"converted"``
-    or ``"repaired"`` (a damaged or stale cached file was converted again).
+    (first time), ``"updated"`` (converted by an older version or from another registry row) or
+    ``"repaired"`` (the cached file was damaged).
     """
     spec = get_model(name)
     if _cached_record(spec, verify=True) is not None:
         return onnx_path(spec), "ready"
-    existed = onnx_path(spec).exists()
+    before = "repaired" if onnx_path(spec).exists() else "converted"
+    if before == "repaired" and _is_stale(spec):
+        before = "updated"
     path = ensure_onnx(spec, mirrors=mirrors, allow_download=True, progress=progress, verify=True)
-    return path, "repaired" if existed else "converted"
+    return path, before
+
+
+def _is_stale(spec: ModelSpec) -> bool:
+    """Whether the conversion record is intact but names another converter version or spec."""
+    try:
+        record = json.loads(_record_path(spec).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict):
+        return False
+    return record.get("converter") != CONVERTER_VERSION or record.get("spec") != json.loads(spec.to_json())
 
 
 def not_converted_error(spec: ModelSpec) -> WeightsError:

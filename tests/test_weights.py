@@ -277,7 +277,9 @@ def test_fetch_all_offline_tries_every_model_and_reports_each_failure(released_h
     ] == f"deeplab: error: {len(caffe)} of {len(RELEASED) + len(caffe)} models failed: " + ", ".join(caffe)
 
 
-def test_truncated_or_corrupt_cached_onnx_is_repaired(released_home, tmp_path: Path) -> None:
+def test_truncated_or_corrupt_cached_onnx_is_repaired(
+    released_home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue 10.9: a damaged cached model was used (or reported ready) as is, and fetch changed nothing."""
     home = tmp_path / "home"
     shutil.copytree(released_home[0], home)
@@ -301,6 +303,12 @@ def test_truncated_or_corrupt_cached_onnx_is_repaired(released_home, tmp_path: P
     assert onnx.load(str(onnx_file)).graph.input[0].name == "image"
     again = run_cli("weights", "fetch", SMALL, "-q", home=home)
     assert again.stdout.strip() == f"{SMALL}: {onnx_file}"  # verified, nothing to do
+    monkeypatch.setenv("DEEPLAB_HOME", str(home))
+    assert weights.is_ready(get_model(SMALL)) and not weights._is_stale(get_model(SMALL))
+    record_file = home / "models" / f"{SMALL}.onnx.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**record, "converter": weights.CONVERTER_VERSION - 1}))
+    assert not weights.is_ready(get_model(SMALL)) and weights._is_stale(get_model(SMALL))  # fetch: "updated"
 
 
 # --------------------------------------------------------------- cache defects (issue 10 item 9)

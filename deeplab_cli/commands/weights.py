@@ -52,7 +52,7 @@ def fetch(names: tuple[str, ...], fetch_all: bool, mirror: tuple[Path, ...], qui
             click.echo(f"deeplab: error: {name}: {exc}", err=True)
             failed.append(name)
             continue
-        click.echo(f"{name}: {onnx_file}" + (" (repaired)" if what == "repaired" else ""))
+        click.echo(f"{name}: {onnx_file}" + (f" ({what})" if what in ("repaired", "updated") else ""))
     if failed and len(names) > 1:
         summary = f"{len(failed)} of {len(names)} models failed: {', '.join(failed)}"
         click.echo(f"deeplab: error: {summary}", err=True)
