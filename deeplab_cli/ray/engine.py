@@ -12,7 +12,7 @@ import functools
 import math
 import pickle
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +34,7 @@ from deeplab_cli.ray.cluster import connected, require_ray
 # Inputs per block of the source dataset: small blocks keep every stage streaming a few images at a time.
 IMAGES_PER_BLOCK = 4
 MAX_BLOCKS = 4096
+DECODE_CPUS = 0.25  # per decoding task: reading a JPEG is light next to inference and the CRF
 CRFChoiceLike = TypeVar("CRFChoiceLike")  # commands.options.CRFChoice (commands sit above us)
 STDOUT_REFUSAL = "--engine ray writes to an output folder: -o - is for the local engine"
 
@@ -79,17 +80,22 @@ class RayPipeline:
         with connected(self.ray_options.address, self.ray_options.num_cpus) as ray:
             early = [local._early_record(job) for job in jobs]
             todo = [job for job, record in zip(jobs, early, strict=True) if record is None]
-            finished = self._records(ray, todo) if todo else iter(())
-            for record in early:
-                record = record or next(finished)
-                summary.add(record)
-                self.on_record(record)
-                self.on_progress(1)
+            finished = self._records(ray, todo)
+            try:
+                for record in early:
+                    record = record or next(finished)
+                    summary.add(record)
+                    self.on_record(record)
+                    self.on_progress(1)
+            finally:
+                finished.close()  # an interrupt stops the dataset's execution (on a cluster we joined too)
         summary.elapsed = time.perf_counter() - start
         return summary
 
-    def _records(self, ray: Any, jobs: list[Job]) -> Iterator[Record]:
+    def _records(self, ray: Any, jobs: list[Job]) -> Generator[Record, None, None]:
         """The records of ``jobs``, in their order, as the dataset yields them."""
+        if not jobs:
+            return
         dataset = build_dataset(ray, jobs, self.segmenter, self.options, self.crf, self.ray_options)
         for row in dataset.iter_rows():
             yield pickle.loads(row["blob"])["record"]
@@ -108,10 +114,10 @@ def build_dataset(
     options = dataclasses.replace(options, stdin=None, stdout_stream=None)  # streams stay on the driver
     rows = [stages.pack(position, job=job) for position, job in enumerate(jobs)]
     blocks = min(MAX_BLOCKS, math.ceil(len(rows) / IMAGES_PER_BLOCK))
-    infer_actors, finish_actors = pool_sizes(ray, ray_options, crf is not None)
+    infer_actors, finish_actors, finish_cpus = pool_sizes(ray, ray_options, crf is not None)
     gpu = ray_options.gpus_per_worker > 0
     dataset = ray.data.from_items(rows, override_num_blocks=blocks)
-    dataset = dataset.map(stages.decode_row, num_cpus=0.25)
+    dataset = dataset.map(stages.decode_row, num_cpus=DECODE_CPUS)
     dataset = dataset.map_batches(
         stages.Infer,
         fn_constructor_kwargs={
@@ -136,25 +142,31 @@ def build_dataset(
         },
         batch_size=1,
         concurrency=finish_actors,
-        num_cpus=0.5,
+        num_cpus=finish_cpus,
         batch_format="numpy",
         zero_copy_batch=True,
     )
 
 
-def pool_sizes(ray: Any, ray_options: RayOptions, crf: bool) -> tuple[int, int]:
-    """(inference actors, finish actors). CPU inference leaves a core for decoding and writing; finish
-    actors take half a CPU each, two per spare core with the CRF (it costs more than the network)."""
+def pool_sizes(ray: Any, ray_options: RayOptions, crf: bool) -> tuple[int, int, float]:
+    """(inference actors, finish actors, CPUs per finish actor).
+
+    Actors hold their CPUs for the whole run, so they must leave some to the decoding tasks or those
+    would never be scheduled. On CPUs, inference takes all cores but one; the finish actors share what
+    is left, a whole core each with the CRF (it costs more than the network), half a core without.
+    """
     resources = ray.cluster_resources()
-    cpus = max(1, int(resources.get("CPU", 1)))
+    cpus = max(1.0, float(resources.get("CPU", 1)))
+    gpu = ray_options.gpus_per_worker > 0
     if ray_options.concurrency:
         infer = ray_options.concurrency
-    elif ray_options.gpus_per_worker > 0:
+    elif gpu:
         infer = max(1, int(resources.get("GPU", 0) / ray_options.gpus_per_worker))
     else:
         infer = max(1, int((cpus - 1) / ray_options.cpus_per_worker))
-    spare = cpus if ray_options.gpus_per_worker > 0 else max(1, cpus - infer)
-    return infer, max(1, 2 * spare if crf else spare)
+    free = max(cpus - (0 if gpu else infer * ray_options.cpus_per_worker) - DECODE_CPUS, DECODE_CPUS)
+    finish = max(1, int(free / (1.0 if crf else 0.5)))
+    return infer, finish, free / finish
 
 
 def segment_files_ray(
