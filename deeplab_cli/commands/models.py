@@ -34,8 +34,13 @@ def model_record(spec: ModelSpec) -> dict:
 
 
 def _accuracy(spec: ModelSpec) -> str:
-    reported = spec.reported.get("miou")
-    return f"{reported:.2f} ({spec.reported.get('split', '')})" if reported is not None else "-"
+    """The reported mIoU, or the CRF one when upstream reported only that (DeepLab v2's test server)."""
+    split = spec.reported.get("split", "")
+    if spec.reported.get("miou") is not None:
+        return f"{spec.reported['miou']:.2f} ({split})"
+    if spec.reported.get("miou_crf") is not None:
+        return f"{spec.reported['miou_crf']:.2f} with CRF ({split})"
+    return "-"
 
 
 @click.command("models")
