@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -93,6 +94,7 @@ def two_nodes() -> object:
     cluster.shutdown()
 
 
+@pytest.mark.xdist_group("ray-single-node")  # with --dist loadgroup: one cluster start for the class
 @pytest.mark.usefixtures("single_node")
 class TestSingleNode:
     def test_same_masks_and_records_as_local_with_one_bad_file(
@@ -174,6 +176,7 @@ class TestSingleNode:
         assert code == 2 and "output folder" in stderr
 
 
+@pytest.mark.xdist_group("ray-two-nodes")
 @pytest.mark.usefixtures("two_nodes")
 class TestTwoNodes:
     def test_two_nodes_write_the_local_masks(self, photos: Path, local_masks: Path, tmp_path: Path) -> None:
@@ -184,16 +187,22 @@ class TestTwoNodes:
         assert _masks(tmp_path / "out") == _masks(local_masks)
 
 
-def _ray_processes() -> set[int]:
-    """Pids of Ray's daemons (gcs_server, raylet) running now."""
+def _ray_processes(driver: int) -> set[int]:
+    """Pids of the Ray daemons (gcs_server, raylet) of the local Ray that process ``driver`` started.
+
+    Ray names a session after the pid of the process that started it (``session_<time>_<pid>``), so
+    clusters of other tests (other xdist workers) running meanwhile are not counted.
+    """
+    session = re.compile(rf"session_[0-9_-]+_{driver}\b".encode())
     found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 name = (entry / "comm").read_text().strip()
+                cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if name in ("gcs_server", "raylet"):
+            if name in ("gcs_server", "raylet") and session.search(cmdline):
                 found.add(int(entry.name))
     return found
 
@@ -201,23 +210,21 @@ def _ray_processes() -> set[int]:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 def test_sigint_stops_and_leaves_no_ray_process(photos: Path, tmp_path: Path) -> None:
     """A local Ray started by the command is gone after Ctrl-C; the exit status is 130."""
-    assert not ray.is_initialized()
-    before = _ray_processes()
     out = tmp_path / "out"
     args = ["segment", photos, "-o", out, "-m", DM05, "--engine", "ray", "-q"]
     process = subprocess.Popen(command(args), stderr=subprocess.PIPE, env=dict(os.environ))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None and not list(out.rglob("*.png")):
         time.sleep(0.1)
-    assert _ray_processes() - before, "the command's own Ray is running"
+    assert _ray_processes(process.pid), "the command's own Ray is running"
     process.send_signal(signal.SIGINT)  # midway: one mask written, the others not yet
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr.decode()
     assert "Traceback" not in stderr.decode()
     deadline = time.monotonic() + 30
-    while _ray_processes() - before and time.monotonic() < deadline:
+    while _ray_processes(process.pid) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _ray_processes() - before
+    assert not _ray_processes(process.pid)
     assert not [p for p in out.rglob("*") if p.name.endswith(TMP_SUFFIX)]  # nothing half-written
 
 

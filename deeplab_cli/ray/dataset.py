@@ -76,7 +76,6 @@ def segment_dataset(
             "crf": params,
             "crf_backend": crf_backend,
             "scores": scores,
-            "image_column": image_column,
         },
         batch_size=1,
         concurrency=finish_concurrency,
@@ -86,16 +85,14 @@ def segment_dataset(
 
 
 def _crf_params(spec: Any, crf: bool | CRFParams | Mapping[str, float] | None) -> CRFParams | None:
+    """The model's CRF defaults, overridden by ``crf`` when it is a mapping (unknown keys: exit 2)."""
     if crf is None or crf is False:
         return None
     if isinstance(crf, CRFParams):
         return crf
     from deeplab_cli.crf.params import resolve
 
-    try:
-        return resolve(CRFParams.from_dict(spec.crf), None, {} if crf is True else dict(crf))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    return resolve(CRFParams.from_dict(spec.crf), None, {} if crf is True else crf)
 
 
 def _images(batch: dict[str, np.ndarray], column: str) -> list[np.ndarray]:
@@ -135,27 +132,22 @@ class DatasetInfer:
 
 
 class DatasetFinish:
-    """CPU actor: upsample to each image's size, the CRF when asked, the label (and score) columns."""
+    """CPU actor: upsample to each image's size, the CRF when asked (inline, one thread), the columns."""
 
-    def __init__(
-        self, model: ModelShipment, crf: CRFParams | None, crf_backend: str, scores: bool, image_column: str
-    ) -> None:
-        self.segmenter = model.load("cpu", threads=1)
-        self.crf, self.crf_backend, self.scores = crf, crf_backend, scores
-        self.image_column = image_column
+    def __init__(self, model: ModelShipment, crf: CRFParams | None, crf_backend: str, scores: bool) -> None:
+        self.segmenter = model.load("cpu", threads=1)  # finish() needs the model's geometry, not its session
+        self.runner = None
+        if crf is not None:
+            from deeplab_cli.crf.runner import CRFRunner
+
+            self.runner = CRFRunner(crf, backend=crf_backend, device="cpu", workers=0, threads=1)
+        self.scores = scores
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from deeplab_cli.crf import refine
-
         labels, probs = [], []
-        for image, hidden in zip(_images(batch, self.image_column), batch[HIDDEN], strict=True):
+        for hidden in batch[HIDDEN]:
             prepared, logits = pickle.loads(hidden)
-            need_probs = self.scores or self.crf is not None
-            prediction = self.segmenter.finish(prepared, logits, return_probs=need_probs)
-            if self.crf is not None:
-                original = np.ascontiguousarray(np.asarray(image)[:, :, :3], dtype=np.uint8)
-                prediction.probs = refine(original, prediction.probs, self.crf, backend=self.crf_backend)
-                prediction.labels = prediction.probs.argmax(axis=0).astype(prediction.labels.dtype)
+            prediction = self.segmenter.finish(prepared, logits, return_probs=self.scores, crf=self.runner)
             labels.append(prediction.labels)
             probs.append(prediction.probs)
         out = {**batch, "label": _objects(labels)}

@@ -214,6 +214,8 @@ def command_engine(
     require_ray()
     if output == "-":
         raise UsageError(STDOUT_REFUSAL)
+    if device.strip().lower().startswith("cuda") and not gpus_per_worker:
+        raise UsageError("with --engine ray, ask for GPUs with --gpus-per-worker F (each actor gets its own)")
     ray_options = RayOptions(address, concurrency=concurrency, gpus_per_worker=gpus_per_worker)
     segment = functools.partial(segment_files_ray, ray_options=ray_options)
     return segment, "cpu", 1, dataclasses.replace(crf, workers=0)
