@@ -405,3 +405,10 @@ def test_zoo_reads_user_rows_itself_and_picks_dataset_defaults(tmp_path: Path, m
     zoo.user_record_path("mine").write_text("{not json")
     with pytest.raises(WeightsError, match="corrupt model record .*mine.json"):
         zoo.list_models()
+
+
+def test_models_table_lists_the_trainval_v2_row_with_its_crf_score(tmp_path: Path) -> None:
+    result = run_cli("models", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if "deeplab-v2-resnet101-trainval" in line)
+    assert "79.70 with CRF (VOC 2012 test)" in row
