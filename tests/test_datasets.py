@@ -67,7 +67,7 @@ def test_voc_ids_in_official_list_without_files_are_missing():
 
 
 def test_voc_unknown_split_and_dataset(tmp_path: Path):
-    with pytest.raises(DeeplabError, match="available: .*sample"):
+    with pytest.raises(UsageError, match="available: .*sample"):  # exit 2: the command line is wrong
         open_dataset("voc", VOC_ROOT, "nosuchsplit")
     with pytest.raises(DeeplabError, match="no PASCAL VOC 2012 data"):
         open_dataset("voc", tmp_path, "val")

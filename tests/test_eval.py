@@ -454,3 +454,21 @@ def test_eval_refines_the_same_probabilities_it_scores():
     document = result.to_dict()
     assert document["protocol"] == {"text": "native size (fake)"}
     assert document["crf_params"] == params.to_dict() and document["crf_backend"] == "torch, inline"
+
+
+def test_segment_takes_the_crf_unary_scale(tmp_path: Path):
+    """``crf tune`` writes unary_scale: segment accepts it (one declaration of the CRF options)."""
+    image = VOC2012 / "JPEGImages" / f"{voc_sample_ids(1)[0]}.jpg"
+    base = ["segment", str(image), "--model", MODEL, "--crf", "--crf-iterations", "2", "--crf-workers", "0"]
+    masks = []
+    for scale in ("1", "0.05"):
+        done = run_cli(*base, "--crf-unary-scale", scale, "-o", str(tmp_path / scale))
+        assert done.returncode == 0, done.stderr
+        masks.append(np.array(Image.open(tmp_path / scale / f"{image.stem}.png")))
+    assert (
+        masks[0] != masks[1]
+    ).mean() > 0.001  # a flat unary lets the pairwise terms win: it reached the CRF
+    done = run_cli(*base, "--crf-unary-scale", "0", "-o", str(tmp_path / "zero"))
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(
+        "unary_scale must be > 0, got 0.0"
+    )

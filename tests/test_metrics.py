@@ -140,7 +140,13 @@ def test_excluded_class_is_left_out_of_means():
 
 
 def test_bad_labels_are_reported():
+    from deeplab_cli.errors import DeeplabError
+
     cm = ConfusionMatrix(3)
+    with pytest.raises(
+        DeeplabError, match=r"label\(s\) 7 outside the class range 0..2 \(and not the ignore value 255\)"
+    ):
+        cm.update(np.array([[7]], dtype=np.uint8), np.array([[0]], dtype=np.uint8))
     with pytest.raises(ValueError, match="outside"):
         cm.update(np.array([[7]], dtype=np.uint8), np.array([[0]], dtype=np.uint8))
     with pytest.raises(ValueError, match="shape"):
