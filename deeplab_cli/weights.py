@@ -100,10 +100,11 @@ def _cache_writes() -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        home = paths.home()
-        target = Path(exc.filename) if exc.filename else None
-        inside = target is not None and (target == home or home in target.parents)
-        if exc.errno not in _CACHE_ERRNOS or not inside:
+        home = Path(os.path.abspath(paths.home()))
+        target = Path(os.path.abspath(exc.filename)) if exc.filename else None
+        # the cache, a file in it, or a parent folder being created for it
+        ours = target is not None and (target == home or home in target.parents or target in home.parents)
+        if exc.errno not in _CACHE_ERRNOS or not ours:
             raise
         raise CacheWriteError(
             f"cannot write to the weight cache {home} ({exc.strerror}); free some space or make it "
