@@ -253,7 +253,7 @@ def evaluate(
     refined = _new_split(num_classes, dataset, options.trimap_width) if crf is not None else None
     timings = dict.fromkeys(("read_s", "infer_s", "upsample_s", "crf_s", "metrics_s", "save_s"), 0.0)
     pending: deque[tuple[Loaded, Future[np.ndarray]]] = deque()
-    window = max(2, 2 * crf.workers) if crf is not None else 0
+    window = crf.in_flight if crf is not None else 0
     start = time.perf_counter()
     count = 0
 

@@ -195,7 +195,7 @@ class _Scorer:
         params = [CRFParams.from_dict(values) for values in candidates]
         totals = [self._matrix() for _ in candidates]
         pending: deque[tuple[int, np.ndarray, Future[np.ndarray]]] = deque()
-        window = max(2, 2 * self.runner.workers)
+        window = self.runner.in_flight
 
         def collect(keep: int) -> None:
             while len(pending) > keep:

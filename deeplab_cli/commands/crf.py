@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -60,7 +61,7 @@ def _parse_floats(text: str, option: str) -> tuple[float, ...]:
     "workers",
     type=click.IntRange(min=0),
     default=None,
-    help="CRF worker processes (0 = in this process) [default: a share of the cores].",
+    help="CRF worker processes (0 = in this process) [default: one per core].",
 )
 @click.option(
     "--output",
@@ -123,7 +124,9 @@ def tune(
     model = data.model_name()
     target = output or default_output(model)
     check_writable(target)
-    runner = CRFRunner(CRFParams(), crf_backend, device, workers)
+    # the search runs after the network pass, so it may use every core (one thread per worker)
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    runner = CRFRunner(CRFParams(), crf_backend, device, workers, threads=1)
     with runner:
         dataset = data.open(count)
         segmenter = Segmenter(model, device=device)

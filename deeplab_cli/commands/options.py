@@ -238,7 +238,12 @@ def dataset_options(function: F) -> F:
         kwargs["data"] = DatasetChoice(**{key: kwargs.pop(key) for key in _DATASET_KEYS})
         return function(*args, **kwargs)
 
-    decorated: Callable[..., Any] = model_option(wrapper)
+    decorated: Callable[..., Any] = click.option(
+        "-m",
+        "--model",
+        default=None,
+        help="Registry name or .onnx file [default: the dataset's default model].",
+    )(wrapper)
     decorated = click.option(
         "--allow-missing", is_flag=True, help="Skip (and count) ids whose image or ground truth is missing."
     )(decorated)

@@ -46,6 +46,7 @@ __all__ = ["CRFRunner", "CRFWorkerError", "default_crf_workers"]
 
 WATCHDOG_PERIOD_S = 0.25
 GPU_MAX_BATCH = 32
+GPU_IN_FLIGHT = 8  # images a caller keeps queued for the GPU: batches without holding many C x H x W maps
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
@@ -425,6 +426,12 @@ class CRFRunner:
     def mode(self) -> str:
         """``gpu``, ``processes`` or ``inline``: how images are refined."""
         return "gpu" if self._gpu else "processes" if self._pool else "inline"
+
+    @property
+    def in_flight(self) -> int:
+        """How many images a caller should keep submitted to keep this runner busy (a GPU batches them,
+        workers each need one queued behind the one they refine)."""
+        return GPU_IN_FLIGHT if self._gpu else 2 * self.workers if self._pool else 1
 
     def describe(self) -> str:
         """One line for logs, e.g. ``numba, 1 worker x 1 thread``."""
