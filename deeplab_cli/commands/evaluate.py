@@ -66,7 +66,7 @@ def evaluate(
     from deeplab_cli.evaluate import EvalOptions, check_writable
     from deeplab_cli.evaluate import evaluate as run_evaluation
 
-    check_writable(json_path, plot)
+    check_writable(json_path, plot, save_masks / "crf" / "probe.png" if save_masks else None)
     dataset = data.open(limit)
     segmenter, runner = open_model_and_crf(data.model_name(), device, crf)
     options = EvalOptions(scales=scales, flip=flip, save_masks=save_masks)
