@@ -58,7 +58,7 @@ class Server:
     def call(
         self,
         path: str,
-        body: bytes | None = None,
+        body: bytes | Iterator[bytes] | None = None,
         headers: dict[str, str] | None = None,
         method: str | None = None,
         timeout: float = 120,
@@ -66,7 +66,9 @@ class Server:
         parts = urlsplit(self.url)
         connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
         try:
-            connection.request(method or ("GET" if body is None else "POST"), path, body, headers or {})
+            chunked = body is not None and not isinstance(body, bytes)
+            verb = method or ("GET" if body is None else "POST")
+            connection.request(verb, path, body, headers or {}, encode_chunked=chunked)
             response = connection.getresponse()
             return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
         finally:
@@ -239,6 +241,7 @@ def test_crf_query_refines_with_the_requested_parameters(server: Server) -> None
 
 def test_each_bad_input_gets_its_4xx_and_the_server_keeps_serving(server: Server) -> None:
     jpeg = VOC_IMAGE.read_bytes()
+    chunked = {"Content-Type": "image/jpeg", "Transfer-Encoding": "chunked"}  # no Content-Length
     cases = [
         (server.call("/v1/segment", b"", {"Content-Type": "image/jpeg"}), 400, "empty request body"),
         (server.segment(b"this is not an image"), 400, "not an image"),
@@ -252,6 +255,7 @@ def test_each_bad_input_gets_its_4xx_and_the_server_keeps_serving(server: Server
         (server.segment(jpeg, "?output=tiff"), 400, "invalid output"),
         (server.segment(jpeg, "?url=http://169.254.169.254/"), 400, "never fetches URLs"),
         (server.segment(os.urandom(3 * 2**20)), 413, "exceeds the limit of 1048576 bytes"),
+        (server.call("/v1/segment", iter([b"x" * 2**16] * 24), chunked), 413, "more than"),
         (server.segment(jpeg, content_type="text/plain"), 415, "unsupported Content-Type"),
         (
             server.call("/v1/segment", b"--x--\r\n", {"Content-Type": "multipart/form-data; boundary=x"}),
@@ -301,6 +305,7 @@ def test_full_queue_answers_503_with_retry_after_at_once(server: Server) -> None
 
 
 def test_readyz_reports_granted_providers_and_metrics_are_prometheus_text(server: Server) -> None:
+    assert server.url.startswith("http://127.0.0.1:")  # loopback unless --host says otherwise
     assert server.call("/healthz").json() == {"status": "ok"}
     ready = server.call("/readyz")
     assert ready.status == 200

@@ -54,16 +54,10 @@ class ModelSet:
         self.config = config
         self.models = {name: ServedModel(name) for name in config.models}
         self.default = config.models[0]
-        self._loader: threading.Thread | None = None
 
     def start_loading(self) -> None:
         """Load every model in a background thread (conversion on first use can take a minute)."""
-        self._loader = threading.Thread(target=self.load_all, name="deeplab-serve-load", daemon=True)
-        self._loader.start()
-
-    def wait_loaded(self, timeout: float | None = None) -> None:
-        if self._loader is not None:
-            self._loader.join(timeout)
+        threading.Thread(target=self.load_all, name="deeplab-serve-load", daemon=True).start()
 
     def load_all(self) -> None:
         for served in self.models.values():
