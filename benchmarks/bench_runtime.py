@@ -1,6 +1,11 @@
 """Latency of one 513x513 image: ONNX Runtime (our export) vs the TFLite original vs PyTorch eager.
 
     python benchmarks/bench_runtime.py [--model deeplabv3-mnv2-voc] [--runs 15] [--threads 2]
+    python benchmarks/bench_runtime.py --large [--crf numba|torch|none] [--size 6000x4000]
+
+``--large``: one real photo enlarged to 6000 x 4000 (a phone photo's size) through ``Segmenter.predict``
+(with the CRF on its bounded grid, ``runtime.CRF_MAX_PIXELS``), each run in a fresh subprocess: wall
+time and peak RSS (``ru_maxrss`` of the child), plus the same for the probabilities written band by band.
 
 The three runtimes are timed round-robin (one run of each per round) so that background load hits
 them alike; medians and the ratios ORT/TFLite and ORT/torch are printed. The TFLite reference is
@@ -86,12 +91,74 @@ def _runners(spec: zoo.ModelSpec, onnx_path: Path, source: Path, batch: np.ndarr
     }
 
 
+LARGE_CHILD = """
+import resource, sys, time
+import numpy as np
+from PIL import Image
+from deeplab_cli.runtime import Segmenter
+model, size, crf_backend, bands = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+width, height = (int(v) for v in size.split("x"))
+photo = np.asarray(Image.open(sys.argv[5]).convert("RGB").resize((width, height), Image.BICUBIC))
+segmenter = Segmenter(model, device="cpu")
+runner = None
+if crf_backend != "none":
+    from deeplab_cli.crf.params import CRFParams
+    from deeplab_cli.crf.runner import CRFRunner
+    runner = CRFRunner(CRFParams.from_dict(segmenter.spec.crf), backend=crf_backend)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+prediction = segmenter.predict(photo, crf=runner)
+checksum = 0.0
+if bands:
+    for top, band in prediction.iter_prob_bands():
+        checksum += float(band[:, :, 0].sum())
+wall = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+timings = {k: round(v, 2) for k, v in prediction.timings.items()}
+print(f"{wall:.1f} {peak / 1024:.0f} {base / 1024:.0f} {prediction.input_size} {timings}")
+"""
+
+
+def large(args: argparse.Namespace) -> None:
+    """Time and peak RSS of one huge photo, each configuration in a fresh child process."""
+    import subprocess
+    import sys
+
+    configs = (
+        [("none", "0"), ("none", "1"), (args.crf, "0"), (args.crf, "1")]
+        if args.crf != "none"
+        else [
+            ("none", "0"),
+            ("none", "1"),
+        ]
+    )
+    print(f"model {args.model}, one {args.size} photo ({IMAGE.name} enlarged), Segmenter.predict in a child")
+    for crf, bands in configs:
+        out = subprocess.run(
+            [sys.executable, "-c", LARGE_CHILD, args.model, args.size, crf, bands, str(IMAGE)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split(maxsplit=3)
+        label = f"crf={crf}" + (" + probability bands" if bands == "1" else "")
+        print(
+            f"  {label:32s} {float(out[0]):6.1f} s   peak RSS {int(out[1]):5d} MB (after setup {out[2]} MB)"
+        )
+        print(f"  {'':32s} network input {out[3]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="deeplabv3-mnv2-voc")
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--large", action="store_true", help="one huge photo: time and peak RSS")
+    parser.add_argument("--crf", default="numba", help="CRF backend for --large (none: no CRF)")
+    parser.add_argument("--size", default="6000x4000", help="photo size for --large, WxH")
     args = parser.parse_args()
+    if args.large:
+        large(args)
+        return
 
     spec = zoo.get_model(args.model)
     source = _source(spec)

@@ -66,8 +66,12 @@ def test_dog_foreground_matches_the_trimap(mnv2: Segmenter) -> None:
 
 
 def test_labels_follow_the_protocol_exactly(mnv2: Segmenter) -> None:
+    from deeplab_cli.runtime import effective_protocol
+
+    native = Segmenter.__new__(Segmenter)  # the same sessions, with resize="native"
+    native.__dict__.update(mnv2.__dict__, protocol=effective_protocol(mnv2.spec.protocol, "native"))
     for image_id in voc_sample_ids(3):
-        prediction = mnv2.predict(VOC2012 / "JPEGImages" / f"{image_id}.jpg", return_probs=True)
+        prediction = native.predict(VOC2012 / "JPEGImages" / f"{image_id}.jpg", return_probs=True)
         assert prediction.padded_size == (513, 513) and prediction.logits.shape == (21, 65, 65)
         reference = reference_labels(prediction.logits, prediction.padded_size, prediction.image_size)
         assert np.array_equal(prediction.labels, reference)
@@ -195,3 +199,75 @@ def test_big_label_maps_do_not_materialise_class_planes(dm05: Segmenter) -> None
     small = upsample_labels(logits, (513, 513), (513, 513), (513, 513))
     coarse = np.array(Image.fromarray(small).resize(size, Image.NEAREST))
     assert (labels == coarse).mean() >= 0.98
+
+
+class IdentityCRF:
+    """A CRF runner that returns its input, recording what it was given (the real ones live in crf/)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple[int, ...], tuple[int, ...], float]] = []
+
+    def refine(self, image: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        assert image.dtype == np.uint8 and probs.dtype == np.float32
+        self.calls.append((image.shape, probs.shape, float(np.abs(probs.sum(axis=0) - 1).max())))
+        return probs
+
+
+def test_crf_runs_on_a_bounded_grid_and_labels_come_back_full_size(dm05: Segmenter) -> None:
+    from deeplab_cli.runtime import CRF_MAX_PIXELS
+
+    photo = np.array(Image.open(IMAGES / "segmentation_input_rotation0.jpg").resize((3000, 1500)))
+    runner = IdentityCRF()
+    refined = dm05.predict(photo, crf=runner)
+    plain = dm05.predict(photo)
+    ((image_shape, probs_shape, off_one),) = runner.calls
+    assert image_shape[0] * image_shape[1] <= CRF_MAX_PIXELS and probs_shape == (21, *image_shape[:2])
+    assert abs(image_shape[1] / image_shape[0] - 2.0) < 0.01 and off_one < 1e-4
+    assert refined.labels.shape == (1500, 3000) and refined.crf_probs.shape == probs_shape
+    # an identity CRF changes nothing but the resampling grid: labels agree except along borders
+    assert (refined.labels == plain.labels).mean() >= 0.995
+
+
+def test_probability_bands_are_the_probabilities(dm05: Segmenter) -> None:
+    path = VOC2012 / "JPEGImages" / f"{voc_sample_ids(1)[0]}.jpg"
+    prediction = dm05.predict(path, return_probs=True)
+    bands = list(prediction.iter_prob_bands(rows=37))
+    assert [top for top, _ in bands] == list(range(0, prediction.image_size[0], 37))
+    stacked = np.concatenate([band for _, band in bands], axis=1)
+    assert stacked.shape == prediction.probs.shape
+    assert np.allclose(stacked, prediction.probs, atol=1e-6)
+    assert np.array_equal(stacked.argmax(axis=0), prediction.labels)
+    small = dm05.predict(path, crf=IdentityCRF())
+    crf_bands = np.concatenate([band for _, band in small.iter_prob_bands()], axis=1)
+    assert np.allclose(crf_bands.sum(axis=0), 1.0, atol=1e-4)
+    assert np.array_equal(crf_bands.argmax(axis=0), small.labels)
+
+
+def test_scores_fuse_scales_and_flips_at_the_original_size(dm05: Segmenter) -> None:
+    path = VOC2012 / "JPEGImages" / f"{voc_sample_ids(2)[1]}.jpg"
+    rgb = np.array(Image.open(path).convert("RGB"))
+    prediction = dm05.predict(rgb)
+    single, timings = dm05.scores(rgb)
+    assert single.shape == (21, *rgb.shape[:2]) and set(timings) == {"infer", "upsample"}
+    assert np.array_equal(single.argmax(axis=0), prediction.labels)
+    flipped, _ = dm05.scores(np.ascontiguousarray(rgb[:, ::-1]))
+    both, _ = dm05.scores(rgb, flip=True)
+    assert np.allclose(both, (single + flipped[:, :, ::-1]) / 2, atol=1e-4)
+    half, _ = dm05.scores(rgb, scales=(0.5,))
+    fused, _ = dm05.scores(rgb, scales=(0.5, 1.0))
+    assert np.allclose(fused, np.maximum(half, single), atol=1e-5)
+    with pytest.raises(UsageError):
+        dm05.scores(rgb, scales=(0.0,))
+
+
+def test_resize_override_and_protocol_record() -> None:
+    from deeplab_cli import zoo
+    from deeplab_cli.runtime import effective_protocol
+
+    base = zoo.get_model(MNV2).protocol
+    assert effective_protocol(base, "protocol") == base
+    assert effective_protocol(base, "native").resize == "none"
+    assert effective_protocol(base, 321).resize_min == effective_protocol(base, "321").resize_max == 321
+    for bad in ("big", 0, -5):
+        with pytest.raises(UsageError):
+            effective_protocol(base, bad)
