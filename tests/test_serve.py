@@ -312,7 +312,7 @@ def test_readyz_reports_granted_providers_and_metrics_are_prometheus_text(server
     report = ready.json()
     assert report["ready"] is True and report["draining"] is False
     assert report["models"][DM05]["providers"] == ["CPUExecutionProvider"]
-    assert report["models"][DM05]["status"] == "ready"
+    assert report["models"][DM05]["status"] == "ready" and report["crf"]["status"] == "ready"
     server.segment(VOC_IMAGE.read_bytes())
     metrics = server.call("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")

@@ -288,13 +288,15 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/readyz", responses={503: {"description": "not ready: loading, failed, or draining"}})
     def readyz() -> JSONResponse:
-        """Ready when every model is loaded on the device asked for (providers really granted)."""
+        """Ready when every model is loaded on the device asked for (providers really granted) and the
+        CRF backend is warmed up; 503 while loading, after a failure, and while draining."""
         ready = state.models.ready and not state.draining
         body = {
             "ready": ready,
             "draining": state.draining,
             "device": config.device,
             "models": state.models.report(),
+            "crf": {"backend": config.crf_backend, "status": state.models.crf_status},
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -54,6 +54,7 @@ class ModelSet:
         self.config = config
         self.models = {name: ServedModel(name) for name in config.models}
         self.default = config.models[0]
+        self.crf_status = "pending"  # then "ready", or the warm-up's error
 
     def start_loading(self) -> None:
         """Load every model in a background thread (conversion on first use can take a minute)."""
@@ -62,7 +63,7 @@ class ModelSet:
     def load_all(self) -> None:
         for served in self.models.values():
             self._load(served)
-        warm_up_crf(self.config)
+        self.crf_status = warm_up_crf(self.config)
 
     def _load(self, served: ServedModel) -> None:
         from deeplab_cli.runtime import Segmenter
@@ -102,7 +103,9 @@ class ModelSet:
 
     @property
     def ready(self) -> bool:
-        return all(served.status == "ready" for served in self.models.values())
+        """Every model loaded on the device asked for, and the CRF warmed up (so no request waits for a
+        compilation that could outlast its timeout)."""
+        return self.crf_status == "ready" and all(m.status == "ready" for m in self.models.values())
 
     def report(self) -> dict[str, dict[str, object]]:
         """Per model: status, the execution providers really granted, or the error."""
@@ -119,10 +122,10 @@ class ModelSet:
         return report
 
 
-def warm_up_crf(config: ServeConfig) -> None:
+def warm_up_crf(config: ServeConfig) -> str:
     """Run the CRF backend once on a tiny image, so that the first ``crf=true`` request does not pay for
-    its imports and compilation (numba's first call compiles for tens of seconds without its disk cache).
-    Not part of readiness: requests without the CRF are served meanwhile."""
+    its imports and compilation (numba compiles for tens of seconds when its disk cache is cold): "ready",
+    or the error (reported by ``/readyz``; requests without the CRF are served meanwhile)."""
     import numpy as np
 
     from deeplab_cli.crf.params import CRFParams
@@ -133,5 +136,7 @@ def warm_up_crf(config: ServeConfig) -> None:
     try:
         with CRFRunner(CRFParams(iterations=1), config.crf_backend, device=config.crf_device) as runner:
             runner.refine(image, probs)
-    except Exception as exc:  # the requests that ask for the CRF will report it
-        print(f"deeplab: warning: CRF warm-up failed: {exc}", file=sys.stderr, flush=True)
+    except Exception as exc:  # noqa: BLE001 - reported by /readyz and on stderr, the server goes on
+        print(f"deeplab: error: CRF warm-up failed: {exc}", file=sys.stderr, flush=True)
+        return f"failed: {exc}"
+    return "ready"
