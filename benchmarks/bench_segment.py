@@ -9,6 +9,12 @@ both on the same images, same model, CPU; prints images/s and the ratio.
 sampling VmRSS from /proc/<pid>/status in a monitoring thread; prints the median RSS while the first
 100 and the last 100 inputs were processed, and the peak (VmHWM).
 
+4. large photo (``--large``): one 6000 x 4000 JPEG made by upscaling a real VOC image (bicubic, with a
+little noise so it compresses like a photo), segmented by the real command with: defaults, --overlay,
+--scores probs, --crf; prints the wall time of each run and the peak RSS of its largest process
+(``ru_maxrss`` of the waited children, measured by a small wrapper process per run, so the runs don't
+mix), interleaved over ``--rounds``, medians.
+
 Needs the weights in the cache or a mirror ($DEEPLAB_HOME / $DEEPLAB_MIRROR, as for the tests).
 """
 
@@ -104,6 +110,60 @@ def memory_run(folder: Path, out: Path, model: str, extra: list[str], total: int
     }
 
 
+LARGE_VARIANTS = {"default": [], "--overlay": ["--overlay"], "--scores probs": ["--scores", "probs"],
+                  "--crf": ["--crf"]}  # fmt: skip
+_PEAK_WRAPPER = (
+    "import resource, subprocess, sys, time; start = time.perf_counter(); "
+    "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+    "print(code, time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+def large_photo(source: Path, target: Path, size: tuple[int, int] = (6000, 4000)) -> Path:
+    """A photo-like large JPEG: a real image upscaled, plus mild noise (JPEG size like a camera's)."""
+    import numpy as np
+    from PIL import Image
+
+    image = Image.open(source).convert("RGB").resize(size, Image.BICUBIC)
+    rng = np.random.default_rng(0)
+    pixels = np.asarray(image, dtype=np.int16) + rng.integers(
+        -6, 7, size=(size[1], size[0], 3), dtype=np.int16
+    )
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(target, quality=92)
+    return target
+
+
+def large_run(photo: Path, out: Path, model: str, extra: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB of the largest process) of one ``deeplab segment`` run."""
+    args = [sys.executable, "-c", _PEAK_WRAPPER, *command(photo, out, model, [*extra, "-q"])]
+    code, seconds, peak_kb = subprocess.run(args, capture_output=True, text=True, check=True).stdout.split()
+    if code != "0":
+        raise SystemExit(f"deeplab segment {' '.join(extra)} failed with exit code {code}")
+    return float(seconds), int(peak_kb) / 1024
+
+
+def large_rows(source: Path, tmp_path: Path, model: str, rounds: int) -> None:
+    photo = large_photo(source, tmp_path / "large.jpg")
+    seconds: dict[str, list[float]] = {name: [] for name in LARGE_VARIANTS}
+    peaks: dict[str, list[float]] = {name: [] for name in LARGE_VARIANTS}
+    for index in range(rounds):
+        for name, extra in LARGE_VARIANTS.items():
+            wall, peak = large_run(photo, tmp_path / f"large-{index}", model, extra)
+            seconds[name].append(wall)
+            peaks[name].append(peak)
+            print(f"round {index}: {name:15s} {wall:6.1f} s, peak {peak:6.0f} MB", flush=True)
+    size_mb = photo.stat().st_size / 2**20
+    print(
+        f"large photo: 6000x4000 JPEG ({size_mb:.1f} MB) from {source.name}; model {model}; CPU, "
+        f"{os.cpu_count()} cores; medians of {rounds}; wall time includes start-up and model load"
+    )
+    for name in LARGE_VARIANTS:
+        print(
+            f"  {name:15s} {statistics.median(seconds[name]):6.1f} s   "
+            f"peak RSS {statistics.median(peaks[name]):6.0f} MB"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -114,6 +174,7 @@ def main() -> None:
     parser.add_argument("--args", default="", help="extra `deeplab segment` options, e.g. '--batch-size 4'")
     parser.add_argument("--rounds", type=int, default=1, help="alternate naive/pipeline runs; medians")
     parser.add_argument("--repeat-rss", type=int, default=1000, help="inputs in the memory run (0 = skip)")
+    parser.add_argument("--large", action="store_true", help="only the large-photo rows (6000 x 4000)")
     args = parser.parse_args()
 
     images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -122,6 +183,9 @@ def main() -> None:
     extra = args.args.split()
     with tempfile.TemporaryDirectory(prefix="bench-segment-") as tmp:
         tmp_path = Path(tmp)
+        if args.large:
+            large_rows(images[0], tmp_path, args.model, args.rounds)
+            return
         folder = tmp_path / "images"
         folder.mkdir()
         for path in images:
