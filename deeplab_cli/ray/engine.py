@@ -34,6 +34,7 @@ from deeplab_cli.ray.cluster import connected, require_ray
 # Inputs per block of the source dataset: small blocks keep every stage streaming a few images at a time.
 IMAGES_PER_BLOCK = 4
 MAX_BLOCKS = 4096
+INFER_SHARE = 0.75  # of its cores an inference actor reserves (see pool_sizes)
 DECODE_CPUS = 0.25  # per decoding task: reading a JPEG is light next to inference and the CRF
 CRFChoiceLike = TypeVar("CRFChoiceLike")  # commands.options.CRFChoice (commands sit above us)
 STDOUT_REFUSAL = "--engine ray writes to an output folder: -o - is for the local engine"
@@ -44,7 +45,7 @@ class RayOptions:
     """Where and how wide to run (the ``--ray-address``, ``--concurrency``, ``--gpus-per-worker`` flags)."""
 
     address: str | None = None  # None: start a local Ray for this run (or use the one this process joined)
-    concurrency: int = 0  # inference actors; 0 = one per GPU share, else one per CPU but one
+    concurrency: int = 0  # inference actors; 0 = one per GPU share, else one per cpus_per_worker CPUs
     gpus_per_worker: float = 0.0  # > 0: inference actors on GPUs; the CRF and writing stay on CPUs
     cpus_per_worker: float = 1.0  # CPUs (and ONNX Runtime threads) per CPU inference actor
     num_cpus: int | None = None  # CPUs of a local Ray (default: this machine's)
@@ -114,7 +115,7 @@ def build_dataset(
     options = dataclasses.replace(options, stdin=None, stdout_stream=None)  # streams stay on the driver
     rows = [stages.pack(position, job=job) for position, job in enumerate(jobs)]
     blocks = min(MAX_BLOCKS, math.ceil(len(rows) / IMAGES_PER_BLOCK))
-    infer_actors, finish_actors, finish_cpus = pool_sizes(ray, ray_options, crf is not None)
+    infer_actors, infer_cpus, finish_actors, finish_cpus = pool_sizes(ray, ray_options, crf is not None)
     gpu = ray_options.gpus_per_worker > 0
     dataset = ray.data.from_items(rows, override_num_blocks=blocks)
     dataset = dataset.map(stages.decode_row, num_cpus=DECODE_CPUS)
@@ -127,7 +128,7 @@ def build_dataset(
         },
         batch_size=max(segmenter.batch_size, 1),
         concurrency=infer_actors,
-        num_cpus=0 if gpu else ray_options.cpus_per_worker,
+        num_cpus=infer_cpus,
         num_gpus=ray_options.gpus_per_worker if gpu else None,
         batch_format="numpy",
         zero_copy_batch=True,
@@ -148,25 +149,26 @@ def build_dataset(
     )
 
 
-def pool_sizes(ray: Any, ray_options: RayOptions, crf: bool) -> tuple[int, int, float]:
-    """(inference actors, finish actors, CPUs per finish actor).
+def pool_sizes(ray: Any, ray_options: RayOptions, crf: bool) -> tuple[int, float, int, float]:
+    """(inference actors, CPUs per inference actor, finish actors, CPUs per finish actor).
 
-    Actors hold their CPUs for the whole run, so they must leave some to the decoding tasks or those
-    would never be scheduled. On CPUs, inference takes all cores but one; the finish actors share what
-    is left, a whole core each with the CRF (it costs more than the network), half a core without.
+    On CPUs, one inference actor per ``cpus_per_worker`` cores, each running that many ONNX Runtime
+    threads (as the local engine runs one single-threaded session per core) but reserving 3/4 of it, so
+    that actors, which hold their CPUs for the whole run, leave room to the decoding tasks and the
+    finish actors (a whole core each with the CRF, it costs more than the network; half one without).
     """
     resources = ray.cluster_resources()
     cpus = max(1.0, float(resources.get("CPU", 1)))
-    gpu = ray_options.gpus_per_worker > 0
-    if ray_options.concurrency:
-        infer = ray_options.concurrency
-    elif gpu:
-        infer = max(1, int(resources.get("GPU", 0) / ray_options.gpus_per_worker))
+    per_worker = ray_options.cpus_per_worker
+    if ray_options.gpus_per_worker > 0:
+        infer_cpus = 0.0
+        infer = ray_options.concurrency or max(1, int(resources.get("GPU", 0) / ray_options.gpus_per_worker))
     else:
-        infer = max(1, int((cpus - 1) / ray_options.cpus_per_worker))
-    free = max(cpus - (0 if gpu else infer * ray_options.cpus_per_worker) - DECODE_CPUS, DECODE_CPUS)
+        infer_cpus = per_worker * INFER_SHARE
+        infer = ray_options.concurrency or max(1, int(cpus / per_worker))
+    free = max(cpus - infer * infer_cpus - DECODE_CPUS, DECODE_CPUS)
     finish = max(1, int(free / (1.0 if crf else 0.5)))
-    return infer, finish, free / finish
+    return infer, infer_cpus, finish, free / finish
 
 
 def segment_files_ray(

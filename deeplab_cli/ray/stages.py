@@ -39,6 +39,7 @@ class ModelShipment:
     data: list  # [ObjectRef]: wrapped so Ray hands the reference, not the bytes, to the constructor
     max_size: int | None
     batch_size: int
+    protocol: Any  # the driver's effective resize protocol (the model's, or a --resize override)
 
     @classmethod
     def from_segmenter(cls, segmenter: Any) -> ModelShipment:
@@ -46,7 +47,8 @@ class ModelShipment:
 
         data = Path(segmenter.onnx_path).read_bytes()
         digest = hashlib.sha256(data).hexdigest()[:16]
-        return cls(segmenter.spec, digest, [ray.put(data)], segmenter.max_size, segmenter.batch_size)
+        settings = (segmenter.max_size, segmenter.batch_size, segmenter.protocol)
+        return cls(segmenter.spec, digest, [ray.put(data)], *settings)
 
     def load(self, device: str, threads: int | None) -> Any:
         """A Segmenter on this node, from a node-local copy of the model written once per digest."""
@@ -56,7 +58,8 @@ class ModelShipment:
         segmenter = Segmenter(
             path, device=device, batch_size=self.batch_size, max_size=self.max_size, threads=threads
         )
-        segmenter.spec = self.spec  # the driver's spec (registry row), not the copy in the file's metadata
+        # the driver's spec (registry row) and protocol, not those derived from the file's metadata
+        segmenter.spec, segmenter.protocol = self.spec, self.protocol
         return segmenter
 
     def _local_path(self) -> Path:
