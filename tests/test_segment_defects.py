@@ -169,6 +169,26 @@ def case_resumed_run_reports_what_the_earlier_run_knew(tmp_path: Path) -> None:
         assert after["outputs"] == before["outputs"]
 
 
+def case_readme_resume_pattern(tmp_path: Path) -> None:
+    """The README's pattern: rerunning after an interrupt gives a complete results file."""
+    photos = tmp_path / "my photos"
+    for name in ("a.jpg", "b c.jpg", "d.jpg"):
+        photo(photos / name, "JPEG")
+    deeplab = " ".join(f"'{part}'" for part in command([]))
+    pattern = (
+        f"cd '{tmp_path}' && find 'my photos' -name '*.jpg' -print0 | "
+        f"{deeplab} segment - -0 -o masks/ --model {DM05} --json --skip-existing > results.jsonl"
+    )
+    assert subprocess.run(["bash", "-c", pattern], capture_output=True).returncode == 0
+    (tmp_path / "masks" / "d.png").unlink()  # as if the first run had been interrupted before d.jpg
+    result = subprocess.run(["bash", "-c", pattern], capture_output=True)
+    assert result.returncode == 0, result.stderr
+    records = json_lines((tmp_path / "results.jsonl").read_bytes())
+    assert sorted(Path(r["input"]).name for r in records) == ["a.jpg", "b c.jpg", "d.jpg"]
+    assert sorted(r["status"] for r in records) == ["ok", "skipped", "skipped"]
+    assert all(r["classes"] and r["size"] == {"width": 128, "height": 128} for r in records)
+
+
 # ------------------------------------------------------------------- 9. smaller ones
 
 

@@ -310,7 +310,8 @@ def to_float16(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=np.float32)
     magnitude = np.abs(values)
     small = magnitude < np.float32(2.0**-14)
-    half = np.where(small, np.float32(0), values).astype(np.float16)
+    with np.errstate(over="ignore"):  # above 65504 is inf, as the cast gives
+        half = np.where(small, np.float32(0), values).astype(np.float16)
     multiples = np.rint(magnitude[small] * np.float32(2.0**24)).astype(np.uint16)
     signs = np.where(np.signbit(values[small]), np.uint16(0x8000), np.uint16(0))
     half.view(np.uint16)[small] = multiples | signs
