@@ -116,6 +116,7 @@ def build_dataset(
     rows = [stages.pack(position, job=job) for position, job in enumerate(jobs)]
     blocks = min(MAX_BLOCKS, math.ceil(len(rows) / IMAGES_PER_BLOCK))
     infer_actors, infer_cpus, finish_actors, finish_cpus = pool_sizes(ray, ray_options, crf is not None)
+    infer_actors, finish_actors = min(infer_actors, blocks), min(finish_actors, blocks)  # no idle actors
     gpu = ray_options.gpus_per_worker > 0
     dataset = ray.data.from_items(rows, override_num_blocks=blocks)
     dataset = dataset.map(stages.decode_row, num_cpus=DECODE_CPUS)
