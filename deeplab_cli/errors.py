@@ -40,16 +40,8 @@ class DeviceError(DeeplabError):
     exit_code = 2
 
 
-class InputError(DeeplabError):
-    """An input argument cannot be used (no such file, a pattern matching nothing, not a regular file)."""
-
-
 class OutputError(DeeplabError):
     """An output cannot be written, or would land on an input; the message names the output path."""
-
-
-class CRFBackendError(UsageError):
-    """The requested CRF backend is not installed (the message gives the pip command)."""
 
 
 class StdoutClosed(DeeplabError):

@@ -96,6 +96,23 @@ def case_existing_foreign_file_is_never_replaced(tmp_path: Path) -> None:
     assert json_lines(result.stdout)[0]["outputs"]["mask"] == str(tmp_path / "out" / "x.jpg.png")
 
 
+# ------------------------------------------------------------------- 5. CRF backend checked up front
+
+
+def case_missing_crf_backend_is_one_usage_line_before_any_image(tmp_path: Path) -> None:
+    hidden = tmp_path / "hide" / "pydensecrf"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('pydensecrf hidden by the test')\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'hide'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    args = command(segment(DOG, "-o", tmp_path / "out", "--crf", "--crf-backend", "pydensecrf"))
+    result = subprocess.run(args, capture_output=True, env=env, timeout=120)
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    (line,) = stderr.splitlines()
+    assert line.startswith("deeplab: error:") and "pip install" in line
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------- 6. symlink loops
 
 
