@@ -157,6 +157,16 @@ def insert_vertices(rem0: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.
     probe = np.empty(d, np.int32)
     m = 0
     for p in range(n):
+        if p > 0:  # neighbouring pixels often share their simplex: reuse its vertices without hashing
+            same = True
+            for i in range(k1):
+                if rem0[p, i] != rem0[p - 1, i] or rank[p, i] != rank[p - 1, i]:
+                    same = False
+                    break
+            if same:
+                for r in range(k1):
+                    offsets[p, r] = offsets[p - 1, r]
+                continue
         for r in range(k1):
             for i in range(d):
                 # The canonical simplex: corner r adds r to coordinates ranked <= d - r, r - (d+1) above.
@@ -268,78 +278,128 @@ def filter_ones(
     return out
 
 
+@njit(cache=True, inline="always")
+def _splat(
+    q: np.ndarray, ptr: np.ndarray, pix: np.ndarray, wts: np.ndarray, norm: np.ndarray, out: np.ndarray
+) -> None:
+    """``out[v] = sum over the vertex's pixels of w * (q[p] * norm[p])``, pixels ascending (exact order)."""
+    c = q.shape[1]
+    for v in prange(ptr.size - 1):
+        dst = out[v]
+        for ch in range(c):
+            dst[ch] = np.float32(0.0)
+        for e in range(ptr[v], ptr[v + 1]):
+            p = pix[e]
+            w = wts[e]
+            nm = norm[p]
+            src = q[p]
+            for ch in range(c):
+                dst[ch] += w * (src[ch] * nm)
+
+
+@njit(cache=True, inline="always")
+def _blur(nbr: np.ndarray, buf_a: np.ndarray, buf_b: np.ndarray, scalar_path: bool) -> np.ndarray:
+    """Blur along every axis, ping-ponging between the buffers; returns the one holding the result."""
+    m = nbr.shape[1]
+    c = buf_a.shape[1]
+    half = np.float32(0.5)
+    src, dst = buf_a, buf_b
+    for axis in range(nbr.shape[0]):
+        for v in prange(m):
+            n1 = nbr[axis, v, 0]
+            n2 = nbr[axis, v, 1]
+            out, own = dst[v], src[v]
+            prev = src[n1 if n1 >= 0 else m]  # row m stays zero: the absent neighbour
+            nxt = src[n2 if n2 >= 0 else m]
+            if scalar_path:
+                for ch in range(c):
+                    s = np.float64(prev[ch] + nxt[ch])
+                    out[ch] = np.float32(np.float64(own[ch]) + 0.5 * s)
+            else:
+                for ch in range(c):
+                    out[ch] = own[ch] + half * (prev[ch] + nxt[ch])
+        src, dst = dst, src
+    return src
+
+
+@njit(cache=True, inline="always")
+def _slice_add(
+    row: np.ndarray,
+    acc: np.ndarray,
+    p: int,
+    offsets: np.ndarray,
+    bary: np.ndarray,
+    vals: np.ndarray,
+    norm: np.ndarray,
+    weight: np.float32,
+    scalar_path: bool,
+) -> None:
+    """``row += weight * (norm[p] * sum_r (w_r alpha) vals[o_r])``, densecrf's slice and Potts term."""
+    c = row.size
+    k1 = offsets.shape[1]
+    alpha = np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(1 - k1))
+    for ch in range(c):
+        acc[ch] = np.float32(0.0)
+    for r in range(k1):
+        src = vals[offsets[p, r]]
+        if scalar_path:
+            w = bary[p, r]
+            for ch in range(c):
+                acc[ch] += (w * src[ch]) * alpha
+        else:
+            w = bary[p, r] * alpha
+            for ch in range(c):
+                acc[ch] += w * src[ch]
+    nm = norm[p]
+    for ch in range(c):
+        row[ch] += weight * (acc[ch] * nm)
+
+
 @njit(cache=True, parallel=True)
 def mean_field(
     neg_unary: np.ndarray,
     q: np.ndarray,
     iterations: int,
-    offsets: np.ndarray,
-    bary: np.ndarray,
-    col_start: np.ndarray,
-    vert_start: np.ndarray,
-    nbr: np.ndarray,
-    nbr_start: np.ndarray,
-    ptr: np.ndarray,
-    pix: np.ndarray,
-    wts: np.ndarray,
-    vert_kernel: np.ndarray,
-    norms: np.ndarray,
-    kernel_w: np.ndarray,
-    alphas: np.ndarray,
+    n_kernels: int,
+    weights: np.ndarray,
+    offsets1: np.ndarray,
+    bary1: np.ndarray,
+    nbr1: np.ndarray,
+    ptr1: np.ndarray,
+    pix1: np.ndarray,
+    wts1: np.ndarray,
+    norm1: np.ndarray,
+    offsets2: np.ndarray,
+    bary2: np.ndarray,
+    nbr2: np.ndarray,
+    ptr2: np.ndarray,
+    pix2: np.ndarray,
+    wts2: np.ndarray,
+    norm2: np.ndarray,
     scalar_path: bool,
 ) -> None:
-    """``iterations`` mean-field updates of ``q`` (N x C, updated in place) for K stacked kernels.
+    """``iterations`` mean-field updates of ``q`` (N x C, in place) with one or two Gaussian kernels.
 
-    Kernel k owns columns ``col_start[k]:col_start[k+1]`` of ``offsets``/``bary`` (vertex ids already
-    global), vertices ``vert_start[k]:vert_start[k+1]``, and blur neighbours (global ids, -1 = absent)
-    in rows ``nbr_start[k] + axis * M_k + i`` of ``nbr`` (R x 2) for its i-th vertex. ``ptr/pix/wts``
-    list each vertex's pixels; ``norms`` (K x N) are the symmetric normalisers, ``kernel_w`` the Potts
-    weights, ``alphas`` the slice constants. Per iteration, as densecrf:
+    Per kernel: its lattice's ``offsets``/``bary`` (N x (d+1)), blur neighbours ``nbr`` ((d+1) x M x 2,
+    -1 absent), the vertex pixel lists ``ptr/pix/wts`` and the symmetric normaliser ``norm``; kernel 2
+    is ignored when ``n_kernels`` is 1. Per iteration, as densecrf (kernels summed in this order):
     ``q <- softmax(-U + sum_k w_k n_k K_k (n_k q))``.
     """
     n, c = q.shape
-    n_kernels = kernel_w.size
-    n_vert = vert_start[n_kernels]
-    buf_a = np.zeros((n_vert + 1, c), np.float32)  # row n_vert stays zero: the absent neighbour
-    buf_b = np.zeros((n_vert + 1, c), np.float32)
-    in_b = np.zeros(n_kernels, np.bool_)
-    half = np.float32(0.5)
+    a1 = np.zeros((ptr1.size, c), np.float32)  # M + 1 rows: the last one stays zero
+    b1 = np.zeros((ptr1.size, c), np.float32)
+    a2 = np.zeros((ptr2.size if n_kernels > 1 else 1, c), np.float32)
+    b2 = np.zeros((ptr2.size if n_kernels > 1 else 1, c), np.float32)
+    w1 = weights[0]
+    w2 = weights[n_kernels - 1]
     n_blocks = (n + BLOCK - 1) // BLOCK
     for _ in range(iterations):
-        for v in prange(n_vert):  # splat: gather the normalised q of the vertex's pixels
-            k = vert_kernel[v]
-            dst = buf_a[v]
-            for ch in range(c):
-                dst[ch] = np.float32(0.0)
-            for e in range(ptr[v], ptr[v + 1]):
-                p = pix[e]
-                w = wts[e]
-                nm = norms[k, p]
-                src = q[p]
-                for ch in range(c):
-                    dst[ch] += w * (src[ch] * nm)
-        for k in range(n_kernels):
-            src, dst = buf_a, buf_b
-            lo, hi = vert_start[k], vert_start[k + 1]
-            for axis in range(col_start[k + 1] - col_start[k]):
-                first = nbr_start[k] + axis * (hi - lo) - lo
-                for v in prange(lo, hi):
-                    n1 = nbr[first + v, 0]
-                    n2 = nbr[first + v, 1]
-                    if n1 < 0:
-                        n1 = n_vert
-                    if n2 < 0:
-                        n2 = n_vert
-                    out, own, prev, nxt = dst[v], src[v], src[n1], src[n2]
-                    if scalar_path:
-                        for ch in range(c):
-                            s = np.float64(prev[ch] + nxt[ch])
-                            out[ch] = np.float32(np.float64(own[ch]) + 0.5 * s)
-                    else:
-                        for ch in range(c):
-                            out[ch] = own[ch] + half * (prev[ch] + nxt[ch])
-                src, dst = dst, src
-            in_b[k] = (col_start[k + 1] - col_start[k]) % 2 == 1  # d+1 swaps: odd ends in buf_b
+        _splat(q, ptr1, pix1, wts1, norm1, a1)
+        v1 = _blur(nbr1, a1, b1, scalar_path)
+        v2 = a2
+        if n_kernels > 1:
+            _splat(q, ptr2, pix2, wts2, norm2, a2)
+            v2 = _blur(nbr2, a2, b2, scalar_path)
         for blk in prange(n_blocks):  # slice, add to -U, softmax
             acc = np.empty(c, np.float32)
             scale = np.empty(c, np.float32)
@@ -349,25 +409,10 @@ def mean_field(
                 u = neg_unary[p]
                 for ch in range(c):
                     row[ch] = u[ch]
-                for k in range(n_kernels):
-                    vals = buf_b if in_b[k] else buf_a
-                    for ch in range(c):
-                        acc[ch] = np.float32(0.0)
-                    for r in range(col_start[k], col_start[k + 1]):
-                        src = vals[offsets[p, r]]
-                        if scalar_path:
-                            w = bary[p, r]
-                            for ch in range(c):
-                                acc[ch] += (w * src[ch]) * alphas[k]
-                        else:
-                            w = bary[p, r] * alphas[k]
-                            for ch in range(c):
-                                acc[ch] += w * src[ch]
-                    nm = norms[k, p]
-                    kw = kernel_w[k]
-                    for ch in range(c):
-                        row[ch] += kw * (acc[ch] * nm)
-                softmax_row(q[p], c, scale, bits)
+                _slice_add(row, acc, p, offsets1, bary1, v1, norm1, w1, scalar_path)
+                if n_kernels > 1:
+                    _slice_add(row, acc, p, offsets2, bary2, v2, norm2, w2, scalar_path)
+                softmax_row(row, c, scale, bits)
 
 
 # Cephes' single-precision exp: exp(x) = 2**n * exp(r), n = round(x / ln 2), |r| <= ln(2)/2, with a

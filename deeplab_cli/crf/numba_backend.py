@@ -126,67 +126,6 @@ def clear_cache() -> None:
         _POS_CACHE.clear()
 
 
-@dataclass
-class _Stack:
-    """Several kernels' lattices stacked into one vertex array (the argument layout of ``mean_field``)."""
-
-    offsets: np.ndarray
-    bary: np.ndarray
-    col_start: np.ndarray
-    vert_start: np.ndarray
-    nbr: np.ndarray
-    nbr_start: np.ndarray
-    ptr: np.ndarray
-    pix: np.ndarray
-    wts: np.ndarray
-    vert_kernel: np.ndarray
-    norms: np.ndarray
-    kernel_w: np.ndarray
-    alphas: np.ndarray
-
-
-def _stack(lattices: list[NumbaLattice], weights: list[float]) -> _Stack:
-    cols = np.cumsum([0] + [lat.d + 1 for lat in lattices])
-    verts = np.cumsum([0] + [lat.n_vertices for lat in lattices])
-    entries = np.cumsum([0] + [lat.pix.size for lat in lattices])
-    if len(lattices) == 1:
-        lat = lattices[0]
-        offsets, bary, pix, wts, ptr = lat.offsets, lat.bary, lat.pix, lat.wts, lat.ptr
-        nbr = lat.nbr.reshape(-1, 2)
-    else:
-        offsets = np.concatenate([lat.offsets + s for lat, s in zip(lattices, verts, strict=False)], axis=1)
-        bary = np.concatenate([lat.bary for lat in lattices], axis=1)
-        nbr = np.concatenate(
-            [
-                np.where(lat.nbr < 0, -1, lat.nbr + s).reshape(-1, 2)
-                for lat, s in zip(lattices, verts, strict=False)
-            ]
-        ).astype(np.int32)
-        ptr = np.concatenate(
-            [lattices[0].ptr[:1]] + [lat.ptr[1:] + e for lat, e in zip(lattices, entries, strict=False)]
-        )
-        pix = np.concatenate([lat.pix for lat in lattices])
-        wts = np.concatenate([lat.wts for lat in lattices])
-    nbr_start = np.cumsum([0] + [(lat.d + 1) * lat.n_vertices for lat in lattices])
-    vert_kernel = np.repeat(np.arange(len(lattices), dtype=np.int32), np.diff(verts))
-    alphas = np.array([1.0 / (1.0 + 2.0 ** (-lat.d)) for lat in lattices], np.float32)
-    return _Stack(
-        offsets=np.ascontiguousarray(offsets, dtype=np.int32),
-        bary=np.ascontiguousarray(bary, dtype=np.float32),
-        col_start=cols.astype(np.int64),
-        vert_start=verts.astype(np.int64),
-        nbr=np.ascontiguousarray(nbr, dtype=np.int32),
-        nbr_start=nbr_start.astype(np.int64),
-        ptr=ptr.astype(np.int64),
-        pix=pix,
-        wts=wts,
-        vert_kernel=vert_kernel,
-        norms=np.stack([lat.norm for lat in lattices]),
-        kernel_w=np.array(weights, np.float32),
-        alphas=alphas,
-    )
-
-
 @contextmanager
 def _num_threads(threads: int | None) -> Iterator[None]:
     """Use ``threads`` of numba's threads (capped at ``NUMBA_NUM_THREADS``) for this call."""
@@ -251,9 +190,11 @@ def refine_numba(
         nk.softmax_rows(q)
         lattices, weights = lattices_for(image, params) if params.iterations > 0 else ([], [])
         if lattices:
-            s = _stack(lattices, weights)
+            first, second = lattices[0], lattices[-1]
             nk.mean_field(
-                neg, q, params.iterations, s.offsets, s.bary, s.col_start, s.vert_start, s.nbr,
-                s.nbr_start, s.ptr, s.pix, s.wts, s.vert_kernel, s.norms, s.kernel_w, s.alphas, c <= 2,
+                neg, q, params.iterations, len(lattices), np.array(weights, np.float32),
+                first.offsets, first.bary, first.nbr, first.ptr, first.pix, first.wts, first.norm,
+                second.offsets, second.bary, second.nbr, second.ptr, second.pix, second.wts, second.norm,
+                c <= 2,
             )  # fmt: skip
     return np.ascontiguousarray(q.T).reshape(c, h, w)
