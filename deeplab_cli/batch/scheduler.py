@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import signal
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -196,9 +198,10 @@ class Scheduler:
             record = head.result(wait=wait)
             if record is None:
                 return
-            pending.popleft()
+            with _signals_deferred():  # reported and dequeued together, or neither: none lost on Ctrl-C
+                self.on_record(record)
+                pending.popleft()
             summary.add(record)
-            self.on_record(record)
             self.on_progress(1)
 
     def _stop_crf(self) -> None:
@@ -279,6 +282,28 @@ class Scheduler:
         prediction.labels = prediction.probs.argmax(axis=0).astype(prediction.labels.dtype)
         prediction.timings["crf"] = time.perf_counter() - start
         return prediction
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for the duration of the block, then deliver them to their handlers.
+
+    In the main thread only (elsewhere signals never arrive); a no-op when the handlers cannot be set.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for signum in caught:
+            signal.raise_signal(signum)
 
 
 def _full_size_image(prepared: Prepared, path: str) -> np.ndarray:
