@@ -17,7 +17,11 @@ from typing import Any
 
 from deeplab_cli.errors import UsageError
 
-__all__ = ["CRFParams", "CRFParamsError", "PARAM_NAMES", "load_params", "resolve"]
+__all__ = ["CRFParams", "CRFParamsError", "PARAM_NAMES", "PROB_FLOOR", "load_params", "resolve"]
+
+# Every backend clips probabilities here before the log: the unary is -unary_scale * log(max(p, 1e-8)),
+# at most 18.4 * unary_scale.
+PROB_FLOOR = 1e-8
 
 
 class CRFParamsError(UsageError, ValueError):

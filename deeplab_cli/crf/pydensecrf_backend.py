@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .params import CRFParams
+from .params import PROB_FLOOR, CRFParams
 
 __all__ = ["is_available", "refine_pydensecrf"]
 
@@ -32,8 +32,6 @@ def refine_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -
         raise BackendUnavailableError(
             f"the CRF backend 'pydensecrf' is not installed: {install_hint('pydensecrf')}"
         ) from None
-    from .torch_backend import PROB_FLOOR
-
     c, h, w = probs.shape
     unary = -params.unary_scale * np.log(np.maximum(probs.reshape(c, -1), PROB_FLOOR))
     crf = dcrf.DenseCRF2D(w, h, c)

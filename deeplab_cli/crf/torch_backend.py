@@ -37,7 +37,7 @@ import torch
 
 from ..errors import DeviceError
 from .lattice import Lattice, build_lattice, csr, slice_csr
-from .params import CRFParams
+from .params import PROB_FLOOR, CRFParams
 
 __all__ = [
     "CRFOperator",
@@ -48,7 +48,6 @@ __all__ = [
     "resolve_device",
 ]
 
-PROB_FLOOR = 1e-8  # probabilities are clipped here before the log (unary <= 18.4 * unary_scale)
 _POS_CACHE: OrderedDict[tuple, Lattice] = OrderedDict()
 _POS_CACHE_SIZE = 8
 
