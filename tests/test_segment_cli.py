@@ -163,3 +163,17 @@ def test_crf_refines_with_the_model_defaults(tmp_path: Path, api: Segmenter) -> 
         axis=0
     )
     assert (mask == expected).mean() >= 0.999
+
+
+def test_readme_python_use_case(tmp_path: Path, api: Segmenter) -> None:
+    """The README's `segment_files` snippet: what `deeplab segment` does, from Python."""
+    from deeplab_cli.batch import SegmentOptions, segment_files
+
+    records = []
+    summary = segment_files(
+        [str(IMAGES)], tmp_path / "masks", SegmentOptions(overlay=True), api, on_record=records.append
+    )
+    assert summary.failed == 0 and summary.ok == len(records) >= 2
+    for record in records:
+        mask = np.array(Image.open(record.outputs["mask"]))
+        assert np.array_equal(mask, api.predict(record.input).labels)
