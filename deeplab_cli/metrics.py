@@ -31,6 +31,8 @@ IGNORE_INDEX = 255  # the "void" label of VOC-style ground truth: not scored (th
 
 class LabelError(DeeplabError, ValueError):
     """Ground truth and prediction do not fit together (shape, or a label outside the class range)."""
+
+
 TRIMAP_MAX_WIDTH = 40
 
 

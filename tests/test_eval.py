@@ -269,7 +269,8 @@ def test_unwritable_outputs_fail_before_the_network(tmp_path: Path):
         )
         assert done.returncode == 2, done.stderr
         assert done.stderr.startswith(f"deeplab: error: cannot write {target}") and done.stdout == ""
-    done = run_cli("eval", "--split", "sample", "--data-root", str(VOC_ROOT), "--save-masks", str(a_file / "m"))
+    masks = str(a_file / "m")
+    done = run_cli("eval", "--split", "sample", "--data-root", str(VOC_ROOT), "--save-masks", masks)
     assert done.returncode == 2 and done.stderr.startswith("deeplab: error: cannot write"), done.stderr
     done = run_cli("eval", "--split", "sample", "--data-root", str(VOC_ROOT), "--json", str(tmp_path))
     assert done.returncode == 2 and "is a directory" in done.stderr
