@@ -1,6 +1,7 @@
 """``deeplab segment --engine ray`` against the local engine, on the same images, interleaved.
 
     python benchmarks/bench_ray.py [--limit 200] [--rounds 3] [--model NAME]
+    python benchmarks/bench_ray.py --warm [--limit 200]   # Ray started once here; the runs join it
     python benchmarks/bench_ray.py --gpus-per-worker 0.5 [--limit 200]   # a GPU machine; "no GPU" elsewhere
 
 Each round runs the real command twice as subprocesses, local engine then Ray engine (a local Ray
@@ -8,7 +9,9 @@ started and stopped by the command), on the first ``--limit`` VOC photos, and ti
 (wall, start-up included). Prints per engine the median wall time and images/s, the overhead ratio
 (ray wall / local wall, goal <= 1.25), the start-up cost (the same on a single image: ray - local),
 and the driver's peak memory (VmHWM of the command process, sampled from /proc; Ray's own daemons and
-workers are separate processes and not counted).
+workers are separate processes and not counted). With ``--warm`` the benchmark starts one local Ray
+itself and the Ray runs join it (``--ray-address``), as on a cluster that is already up: the ratio
+then measures the engine, not Ray's start.
 
 With ``--gpus-per-worker F`` the Ray run puts inference actors on GPUs and the CRF in CPU actors
 (``--crf``), against the local engine with ``--device cuda --crf``; without a GPU it prints "no GPU"
@@ -67,6 +70,17 @@ def _hwm_kb(pid: int) -> int:
     return 0
 
 
+def start_ray() -> str:
+    """Start a local Ray in this process (shut down when it exits); its address for ``--ray-address``."""
+    import logging
+
+    import ray
+
+    quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
+    ray.init(object_store_memory=2 * 2**30, **quiet)
+    return ray.get_runtime_context().gcs_address
+
+
 def link_images(source: Path, count: int, folder: Path) -> int:
     images = sorted(source.glob("*.jpg"))[:count]
     folder.mkdir(parents=True)
@@ -84,6 +98,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="deeplabv3-mnv2-dm05-voc")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
+    parser.add_argument("--warm", action="store_true", help="the Ray runs join a Ray started once here")
     options = parser.parse_args()
     gpu = options.gpus_per_worker > 0
     if gpu and not has_gpu():
@@ -95,6 +110,8 @@ def main() -> None:
         "ray",
         *(["--gpus-per-worker", str(options.gpus_per_worker), "--crf"] if gpu else []),
     ]
+    if options.warm:
+        ray_extra += ["--ray-address", start_ray()]
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as scratch:
         root = Path(scratch)
         count = link_images(options.images, options.limit, root / "many")
@@ -113,12 +130,14 @@ def main() -> None:
                 print(f"round {round_number + 1} {engine:5s}: {wall:6.1f} s wall, peak {peak / 1024:.0f} MiB")
     local, ray = statistics.median(walls["local"]), statistics.median(walls["ray"])
     mode = f"GPU actors ({options.gpus_per_worker} GPU each) + CPU CRF" if gpu else "CPU"
+    mode += ", joining a running Ray" if options.warm else ", a local Ray started by each run"
     print(f"\n{count} images, {options.model}, {mode}, {os.cpu_count()} CPUs; median of {options.rounds}")
     print(f"local engine : {local:6.1f} s wall, {count / local:6.2f} images/s")
     print(f"ray engine   : {ray:6.1f} s wall, {count / ray:6.2f} images/s")
     print(f"overhead     : {ray / local:.2f}x wall (goal <= 1.25x)")
     extra_start = statistics.median(startup["ray"]) - statistics.median(startup["local"])
-    print(f"start-up     : +{extra_start:.1f} s for the Ray engine on one image (local Ray start, actors)")
+    what = "joining, actors" if options.warm else "local Ray start, actors"
+    print(f"start-up     : +{extra_start:.1f} s for the Ray engine on one image ({what})")
     print(
         f"driver peak  : local {statistics.median(peaks['local']) / 1024:.0f} MiB, "
         f"ray {statistics.median(peaks['ray']) / 1024:.0f} MiB (VmHWM of the command process)"
