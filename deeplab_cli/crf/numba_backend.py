@@ -1,15 +1,18 @@
 """The default CPU backend: the exact permutohedral mean-field compiled with numba.
 
-Same maths and float32 rounding order as pydensecrf (Krähenbühl's C++; see :mod:`._numba_kernels`), on
-all cores: results agree with pydensecrf to ~1e-6 and it runs several times faster on one core alone,
-because the lattice is built once per image and kernel, neighbour indices are precomputed, the label
-vectors are contiguous (SIMD) and splat/blur/slice are threaded over vertices and pixels.
+Same maths and float32 rounding order as pydensecrf (Krähenbühl's C++; see :mod:`._numba_kernels`):
+results agree with pydensecrf to a few 1e-6. The lattice is built once per image and kernel (the
+smoothness kernel's is cached per image size), neighbour indices are precomputed, label vectors are
+contiguous, and splat/blur/slice run on all of numba's threads (vertices, pixels); per core it does
+somewhat less work than pydensecrf (CPU time ~0.8x, see benchmarks/bench_crf.py), the rest of the gain
+comes from the threads.
 
-The kernels are compiled on first use (``cache=True``): a few seconds once per machine and numba
-version, written next to the module (``__pycache__``, or numba's user cache directory when that is not
-writable); later processes, CRF worker processes included, load the compiled code from that cache.
-Calls are serialised by a lock (numba's default ``workqueue`` threading layer is not reentrant; each call
-uses ``threads`` cores anyway).
+The kernels are compiled on first use (``cache=True``): ~15 s on an idle 16-core machine, up to a minute
+on a busy small one, once per machine and numba version. The code is written next to the module
+(``__pycache__``, or numba's user cache directory when that is not writable); later processes, CRF
+worker processes included, load it from there (~1 s). Calls are serialised by a lock (numba's
+``workqueue`` threading layer, the fork-safe one used on Linux, is not reentrant; each call uses
+``threads`` cores anyway).
 """
 
 from __future__ import annotations
@@ -82,12 +85,13 @@ def build_lattice(features: np.ndarray) -> NumbaLattice:
     rem0 = np.empty((n, d + 1), np.int32)
     rank = np.empty((n, d + 1), np.int32)
     bary = np.empty((n, d + 1), np.float32)
-    nk.locate(features, _scale_factors(d), rem0, rank, bary)
-    offsets, keys, table = nk.insert_vertices(rem0, rank)
-    del rem0, rank
-    nbr = nk.blur_neighbours(keys, table)
-    ptr, pix, wts = nk.splat_lists(offsets, bary, keys.shape[0])
-    ones = nk.filter_ones(offsets, bary, nbr, ptr, wts)
+    with _LOCK:
+        nk.locate(features, _scale_factors(d), rem0, rank, bary)
+        offsets, keys, table = nk.insert_vertices(rem0, rank)
+        del rem0, rank
+        nbr = nk.blur_neighbours(keys, table)
+        ptr, pix, wts = nk.splat_lists(offsets, bary, keys.shape[0])
+        ones = nk.filter_ones(offsets, bary, nbr, ptr, wts)
     norm = (1.0 / np.sqrt(ones.astype(np.float64) + 1e-20)).astype(np.float32)
     return NumbaLattice(d, offsets, bary, nbr, ptr, pix, wts, norm)
 
