@@ -32,6 +32,7 @@ import numpy as np
 
 from deeplab_cli import files
 from deeplab_cli.batch import marks
+from deeplab_cli.batch._half import to_float16
 from deeplab_cli.batch.inputs import InputItem
 from deeplab_cli.batch.options import SegmentOptions
 from deeplab_cli.batch.records import Record
@@ -298,24 +299,6 @@ def _scores_info(prediction: Prediction, options: SegmentOptions, spec: ModelSpe
 
 
 # ------------------------------------------------------------------------------------------- probabilities
-
-
-def to_float16(values: np.ndarray) -> np.ndarray:
-    """``values.astype(np.float16)``, bit for bit, without numpy's slow path for results below float16's
-    normal range (2**-14): about 15x slower there, and most softmax probabilities of a photo land there.
-
-    Those results are float16 subnormals, multiples of 2**-24, so their bits are the rounded multiple
-    (round half to even, like the cast), with the sign bit added.
-    """
-    values = np.asarray(values, dtype=np.float32)
-    magnitude = np.abs(values)
-    small = magnitude < np.float32(2.0**-14)
-    with np.errstate(over="ignore"):  # above 65504 is inf, as the cast gives
-        half = np.where(small, np.float32(0), values).astype(np.float16)
-    multiples = np.rint(magnitude[small] * np.float32(2.0**24)).astype(np.uint16)
-    signs = np.where(np.signbit(values[small]), np.uint16(0x8000), np.uint16(0))
-    half.view(np.uint16)[small] = multiples | signs
-    return half
 
 
 def prob_bands(prediction: Prediction, rows: int = PROB_BAND_ROWS) -> Iterator[tuple[int, np.ndarray]]:
