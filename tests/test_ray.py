@@ -171,6 +171,25 @@ class TestSingleNode:
             assert row["label"].shape == image.shape[:2]
             np.testing.assert_array_equal(row["label"], segmenter.predict(image).labels)
 
+    def test_segment_dataset_crf_and_scores(self, photos: Path) -> None:
+        from deeplab_cli.crf import CRFParams
+        from deeplab_cli.crf.runner import CRFRunner
+        from deeplab_cli.files import read_image
+        from deeplab_cli.ray import segment_dataset
+        from deeplab_cli.runtime import Segmenter
+
+        image = read_image(next((photos / "a").glob("*.jpg")))
+        params = {"iterations": 3}
+        (row,) = segment_dataset(
+            ray.data.from_items([{"image": image}]), DM05, params, scores=True
+        ).take_all()
+        segmenter = Segmenter(DM05)
+        runner = CRFRunner(CRFParams.from_dict({**segmenter.spec.crf, **params}), workers=0, threads=1)
+        expected = segmenter.predict(image, return_probs=True, crf=runner)
+        np.testing.assert_array_equal(row["label"], expected.labels)
+        np.testing.assert_array_equal(row["score"], expected.probs)
+        assert not np.array_equal(row["label"], segmenter.predict(image).labels)
+
     def test_stdout_output_is_refused(self, photos: Path) -> None:
         code, _, stderr = _ray_segment([next(photos.rglob("*.jpg")), "-o", "-"])
         assert code == 2 and "output folder" in stderr
