@@ -27,6 +27,7 @@ ALIGN_CORNERS = "bilinear_align_corners"  # TF's resize_bilinear(align_corners=T
 PILLOW_BILINEAR = "pillow_bilinear"  # Pillow's bilinear on pixel centres (antialiased when shrinking)
 PILLOW_LANCZOS = "pillow_lanczos"  # Pillow's ANTIALIAS (Lanczos): what the official DeepLab demo resizes with
 RESIZE_METHODS = (ALIGN_CORNERS, PILLOW_BILINEAR, PILLOW_LANCZOS)
+REDUCING_GAP = 3.0
 _PILLOW_FILTERS = {PILLOW_BILINEAR: Image.BILINEAR, PILLOW_LANCZOS: Image.LANCZOS}
 # Resize rules a registry row may name (Protocol.resize).
 RESIZE_RULES = ("none", "range", "longer_side")
@@ -154,7 +155,11 @@ def resize_image(rgb: np.ndarray, size: tuple[int, int], method: str) -> np.ndar
         return resize_align_corners(rgb, size)
     if method in _PILLOW_FILTERS:
         image = Image.fromarray(np.asarray(rgb, np.uint8))
-        return np.asarray(image.resize((size[1], size[0]), _PILLOW_FILTERS[method]))
+        # reducing_gap: shrinking by more than 3x first reduces by an integer box factor (a 6000 x 4000
+        # photo resizes ~4x faster); smaller factors, like all of the demo's cases, are unaffected
+        return np.asarray(
+            image.resize((size[1], size[0]), _PILLOW_FILTERS[method], reducing_gap=REDUCING_GAP)
+        )
     raise ValueError(f"unknown resize method {method!r} (known: {', '.join(RESIZE_METHODS)})")
 
 
@@ -260,8 +265,9 @@ class Frame:
 class Resampler:
     """Bilinear resampling of C x h x w scores onto an output grid, one axis at a time.
 
-    ``rows``/``cols``: the position of each output row/column in source cells (fractional). The dense
-    result is ``Ry @ S[c] @ Rx.T`` per class, with ``Ry``/``Rx`` the two-tap interpolation matrices.
+    ``rows``/``cols``: the position of each output row/column in source cells (fractional). The result
+    is ``Ry @ S[c] @ Rx.T`` per class, with ``Ry``/``Rx`` the two-tap interpolation matrices
+    (:meth:`matrix`); it is computed with the two taps directly (4 multiply-adds per value).
     """
 
     rows: np.ndarray
@@ -306,14 +312,16 @@ class Resampler:
         if rows is None:
             rows = max(1, BAND_BYTES // max(1, channels * width * 4))
         source = np.ascontiguousarray(scores, dtype=np.float32)
-        ry = self.matrix(0)
-        rx_t = np.ascontiguousarray(self.matrix(1).T)
-        lw = source.shape[2]
+        y0, y1, fy = self._taps(self.rows, source.shape[1])
+        x0, x1, fx = self._taps(self.cols, source.shape[2])
         for top in range(0, height, rows):
-            bottom = min(height, top + rows)
-            partial = np.matmul(ry[None, top:bottom], source)  # C x band x w: small
-            band = partial.reshape(-1, lw) @ rx_t  # one BLAS call for the wide product
-            yield top, band.reshape(channels, bottom - top, width)
+            ys = slice(top, min(height, top + rows))
+            wy = fy[ys][None, :, None]
+            partial = source[:, y0[ys]] * (1 - wy) + source[:, y1[ys]] * wy  # C x band x w: small
+            band = partial[:, :, x0]  # two taps per output pixel, not a dense product over w
+            band *= 1 - fx
+            band += partial[:, :, x1] * fx
+            yield top, band
 
     def dense(self, scores: np.ndarray) -> np.ndarray:
         """All C x H x W resampled scores (for callers that need every plane, e.g. evaluation)."""
