@@ -377,8 +377,12 @@ def mean_field(
     wts2: np.ndarray,
     norm2: np.ndarray,
     scalar_path: bool,
+    n_classes: int,
 ) -> None:
     """``iterations`` mean-field updates of ``q`` (N x C, in place) with one or two Gaussian kernels.
+
+    Only the first ``n_classes`` columns are labels; the rest (padding to a multiple of 32, so that the
+    loops over labels run whole SIMD vectors) hold zeros in ``q`` and ``neg_unary`` and stay zero.
 
     Per kernel: its lattice's ``offsets``/``bary`` (N x (d+1)), blur neighbours ``nbr`` ((d+1) x M x 2,
     -1 absent), the vertex pixel lists ``ptr/pix/wts`` and the symmetric normaliser ``norm``; kernel 2
@@ -412,7 +416,7 @@ def mean_field(
                 _slice_add(row, acc, p, offsets1, bary1, v1, norm1, w1, scalar_path)
                 if n_kernels > 1:
                     _slice_add(row, acc, p, offsets2, bary2, v2, norm2, w2, scalar_path)
-                softmax_row(row, c, scale, bits)
+                softmax_row(row, n_classes, scale, bits)
 
 
 # Cephes' single-precision exp: exp(x) = 2**n * exp(r), n = round(x / ln 2), |r| <= ln(2)/2, with a
@@ -460,9 +464,9 @@ def softmax_row(row: np.ndarray, c: int, scale: np.ndarray, scale_bits: np.ndarr
 
 
 @njit(cache=True, parallel=True)
-def softmax_rows(x: np.ndarray) -> None:
-    """Row-wise softmax of an N x C array in place."""
-    n, c = x.shape
+def softmax_rows(x: np.ndarray, c: int) -> None:
+    """Softmax of the first ``c`` columns of every row of ``x``, in place."""
+    n = x.shape[0]
     n_blocks = (n + BLOCK - 1) // BLOCK
     for b in prange(n_blocks):
         scale = np.empty(c, np.float32)

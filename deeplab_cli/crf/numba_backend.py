@@ -35,6 +35,7 @@ PROB_FLOOR = 1e-8  # as the torch and pydensecrf backends: the unary is -scale *
 _LOCK = threading.RLock()
 _POS_CACHE: OrderedDict[tuple[int, int, float], NumbaLattice] = OrderedDict()
 _POS_CACHE_SIZE = 4
+LABEL_PAD = 32  # label vectors are padded to whole SIMD vectors (4 x 8 floats: LLVM's unrolled AVX loop)
 
 
 @lru_cache(maxsize=1)
@@ -148,12 +149,14 @@ def _num_threads(threads: int | None) -> Iterator[None]:
         numba.set_num_threads(before)
 
 
-def unary_rows(probs: np.ndarray, unary_scale: float) -> np.ndarray:
-    """``-U`` as N x C float32 rows, ``U = -unary_scale * log(max(p, 1e-8))`` computed as the pydensecrf
-    backend does (same float32 operations)."""
+def unary_rows(probs: np.ndarray, unary_scale: float, pad_to: int = 1) -> np.ndarray:
+    """``-U`` as N x C' float32 rows, ``U = -unary_scale * log(max(p, 1e-8))`` computed as the pydensecrf
+    backend does (same float32 operations); C' is C rounded up to a multiple of ``pad_to`` (zeros)."""
     c = probs.shape[0]
     unary = -unary_scale * np.log(np.maximum(probs.reshape(c, -1), PROB_FLOOR))
-    return np.ascontiguousarray((-unary).T, dtype=np.float32)
+    out = np.zeros((unary.shape[1], -(-c // pad_to) * pad_to), np.float32)
+    out[:, :c] = (-unary).T
+    return out
 
 
 def lattices_for(image: np.ndarray, params: CRFParams) -> tuple[list[NumbaLattice], list[float]]:
@@ -189,9 +192,9 @@ def refine_numba(
     if c == 1:
         return np.ones_like(probs)
     with _LOCK, _num_threads(threads):
-        neg = unary_rows(probs, params.unary_scale)
+        neg = unary_rows(probs, params.unary_scale, pad_to=LABEL_PAD)
         q = neg.copy()
-        nk.softmax_rows(q)
+        nk.softmax_rows(q, c)
         lattices, weights = lattices_for(image, params) if params.iterations > 0 else ([], [])
         if lattices:
             first, second = lattices[0], lattices[-1]
@@ -199,6 +202,6 @@ def refine_numba(
                 neg, q, params.iterations, len(lattices), np.array(weights, np.float32),
                 first.offsets, first.bary, first.nbr, first.ptr, first.pix, first.wts, first.norm,
                 second.offsets, second.bary, second.nbr, second.ptr, second.pix, second.wts, second.norm,
-                c <= 2,
+                c <= 2, c,
             )  # fmt: skip
-    return np.ascontiguousarray(q.T).reshape(c, h, w)
+    return np.ascontiguousarray(q[:, :c].T).reshape(c, h, w)
