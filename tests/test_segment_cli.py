@@ -117,16 +117,20 @@ def test_shards_cover_every_input_once(photos: Path, tmp_path: Path) -> None:
 
 
 def test_scores_outputs(tmp_path: Path, api: Segmenter) -> None:
-    image = IMAGES / "dog_segmentation.bmp"  # 128 x 128, padded to 257 x 257 for this model
+    image = IMAGES / "dog_segmentation.bmp"  # 128 x 128; the model's protocol decides the network input
     out = tmp_path / "out"
     result = invoke(["segment", image, "-o", out, "--model", DM05, "--scores", "logits", "--json", "-q"])
     (record,) = json_lines(result.text)
     logits = np.load(out / "dog_segmentation.logits.npy")
-    assert logits.dtype == np.float16 and logits.shape == (21, 33, 33)
+    direct = api.predict(image)
+    height, width = direct.input_size
+    stride = api.spec.output_stride
+    assert logits.dtype == np.float16 and logits.shape == direct.logits.shape
     assert record["scores"] == {
-        "kind": "logits", "shape": [21, 33, 33], "input_size": [128, 128], "padded_size": [257, 257],
-        "crop_box": [0, 0, 128, 128], "output_stride": 8,
+        "kind": "logits", "shape": list(logits.shape), "input_size": [height, width],
+        "padded_size": list(direct.padded_size), "crop_box": [0, 0, height, width], "output_stride": stride,
     }  # fmt: skip
+    assert logits.shape[1:] == tuple((side - 1) // stride + 1 for side in direct.padded_size)
     assert np.allclose(logits, api.predict(image).logits, atol=0.05)
     result = invoke(["segment", image, "-o", out, "--model", DM05, "--scores", "probs", "--no-mask", "-q"])
     assert result.code == 0
