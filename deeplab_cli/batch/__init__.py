@@ -43,6 +43,7 @@ __all__ = [
     "expand_inputs",
     "output_kinds",
     "parse_shard",
+    "plan_jobs",
     "plan_outputs",
     "read_list",
     "segment_files",
