@@ -28,7 +28,7 @@ os.environ.setdefault("DEEPLAB_OFFLINE", "1")
 sys.path.insert(0, str(REPO))
 
 from deeplab_cli.crf.params import CRFParams  # noqa: E402
-from deeplab_cli.crf.runner import CRFRunner  # noqa: E402
+from deeplab_cli.crf.runner import CRFRunner, default_crf_workers, network_threads  # noqa: E402
 from deeplab_cli.datasets import open_dataset  # noqa: E402
 from deeplab_cli.evaluate import EvalOptions, _load, evaluate  # noqa: E402
 from deeplab_cli.geometry import labels_of  # noqa: E402
@@ -95,14 +95,20 @@ def main() -> None:
 
     if args.crf_n <= 0:
         return
-    crf_data = dataset.limit(args.crf_n)
+    crf_data = open_dataset("voc", SHARED / "voc", "sample").limit(args.crf_n)
+    workers, threads = default_crf_workers(os.cpu_count() or 1, network_on_gpu=False)
+    workers = workers if args.crf_workers is None else args.crf_workers
+    # as `deeplab eval --crf`: the network gets the cores the CRF workers do not
+    segmenter = Segmenter(
+        args.model, device="cpu", threads=network_threads(os.cpu_count() or 1, workers, threads)
+    )
     params = CRFParams.from_dict(segmenter.spec.crf)
     backends = [name.strip() for name in args.backends.split(",") if name.strip()]
     walls: dict[str, list[float]] = {name: [] for name in backends}
     mious: dict[str, float] = {}
     for _ in range(args.rounds):
         for name in backends:  # interleaved: a noisy neighbour slows every backend alike
-            with CRFRunner(params, name, "cpu", args.crf_workers) as runner:
+            with CRFRunner(params, name, "cpu", workers, threads if workers else None) as runner:
                 runner.wait_ready()  # worker start-up is reported separately below
                 result = evaluate(segmenter, crf_data, crf=runner)
             walls[name].append(result.timings["wall_s"])
@@ -118,7 +124,7 @@ def main() -> None:
             f"mIoU {100 * mious[name]:.2f}"
         )
     start = time.perf_counter()
-    with CRFRunner(params, backends[0], "cpu", args.crf_workers) as runner:
+    with CRFRunner(params, backends[0], "cpu", workers, threads if workers else None) as runner:
         runner.wait_ready()
         label = runner.describe()
     print(f"CRF worker start-up ({label}): {time.perf_counter() - start:.2f} s")

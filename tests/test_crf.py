@@ -320,10 +320,15 @@ def test_backend_is_checked_when_the_runner_is_made(monkeypatch) -> None:
     ],
 )
 def test_core_split(cores: int, gpu: bool, expected: tuple[int, int]) -> None:
-    from deeplab_cli.crf.runner import default_crf_workers
+    from deeplab_cli.crf.runner import default_crf_workers, network_threads
 
     workers, threads = default_crf_workers(cores, gpu)
     assert (workers, threads) == expected
+    network = network_threads(cores, workers, threads)
+    if workers:  # a CPU network gets exactly the cores the CRF workers leave
+        assert network == cores - workers * threads >= 1
+    else:
+        assert network is None  # inline: no split, the CRF runs between network calls
     used = max(workers, 1) * threads
     assert used <= (cores - 1 if cores > 1 else 1)  # the network (or the GPU's feeder) keeps a core
     if not gpu and cores >= 4:

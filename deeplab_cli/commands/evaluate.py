@@ -85,17 +85,41 @@ def evaluate(
 
 
 def open_model_and_crf(model: str, device: str, crf: CRFChoice) -> tuple[Segmenter, CRFRunner | None]:
-    """The network, then (with --crf) the CRF runner on the same device with the model's defaults."""
+    """The network, then (with --crf) the CRF runner on the same device with the model's defaults.
+
+    On the CPU the cores are split (``crf.runner.default_crf_workers``): the network gets the cores the
+    CRF workers do not, so the two do not fight over them.
+    """
+    import os
+
     from deeplab_cli.commands.options import resolve_crf
-    from deeplab_cli.crf.runner import CRFRunner
+    from deeplab_cli.crf.runner import CRFRunner, default_crf_workers, network_threads
     from deeplab_cli.runtime import Segmenter
 
-    segmenter = Segmenter(model, device=device)
-    params, backend, workers = resolve_crf(crf, segmenter.spec.crf)
+    cores = os.cpu_count() or 1
+    on_gpu = crf.enabled and _network_on_gpu(device)
+    workers, threads = default_crf_workers(cores, on_gpu)
+    workers = workers if crf.workers is None else crf.workers
+    split = network_threads(cores, workers, threads) if crf.enabled and not on_gpu else None
+    segmenter = Segmenter(model, device=device, threads=split)
+    params, backend, _ = resolve_crf(crf, segmenter.spec.crf)
     if params is None:
         return segmenter, None
-    on_gpu = "CUDAExecutionProvider" in segmenter.providers
-    return segmenter, CRFRunner(params, backend, device, workers, network_on_gpu=on_gpu)
+    network_gpu = "CUDAExecutionProvider" in segmenter.providers
+    per_worker = threads if workers else None  # inline, the CRF runs between network calls: all cores
+    return segmenter, CRFRunner(params, backend, device, workers, per_worker, network_on_gpu=network_gpu)
+
+
+def _network_on_gpu(device: str) -> bool:
+    """Whether ONNX Runtime will run the network on a GPU for ``--device`` (before making a session)."""
+    from deeplab_cli.device import CUDA_PROVIDER, parse_device
+
+    chosen = parse_device(device)
+    if chosen.kind == "cpu":
+        return False
+    import onnxruntime as ort
+
+    return CUDA_PROVIDER in ort.get_available_providers()
 
 
 class _closing:

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
     from types import TracebackType
 
-__all__ = ["CRFRunner", "CRFWorkerError", "default_crf_workers"]
+__all__ = ["CRFRunner", "CRFWorkerError", "default_crf_workers", "network_threads"]
 
 WATCHDOG_PERIOD_S = 0.25
 GPU_MAX_BATCH = 32
@@ -76,6 +76,13 @@ def default_crf_workers(cores: int, network_on_gpu: bool) -> tuple[int, int]:
     crf_cores = 1 if cores < 4 else cores // 4
     workers = max(1, crf_cores // 2)
     return workers, max(1, crf_cores // workers)
+
+
+def network_threads(cores: int, crf_workers: int, crf_threads: int) -> int | None:
+    """Threads left to a CPU network beside CRF workers (None: no workers, so no split: the default)."""
+    if crf_workers <= 0:
+        return None
+    return max(1, max(1, int(cores)) - crf_workers * crf_threads)
 
 
 # -- worker processes -------------------------------------------------------------------------------------
