@@ -137,7 +137,7 @@ def test_max_size_bounds_the_network_input(dm05: Segmenter) -> None:
     image = Image.open(IMAGES / "segmentation_input_rotation0.jpg").convert("RGB")  # 257 x 257
     small = dm05.predict(image).labels
     big_image = np.array(image.resize((1028, 1028), Image.BICUBIC))
-    limited = Segmenter(DM05, device="cpu", max_size=257)
+    limited = Segmenter(DM05, device="cpu", max_size=257, resize="native")  # the cap alone
     prediction = limited.predict(big_image)
     assert prediction.labels.shape == (1028, 1028)
     assert prediction.input_size == (257, 257) and prediction.padded_size == (257, 257)
