@@ -35,10 +35,20 @@ def reference_labels(logits: np.ndarray, padded: tuple[int, int], size: tuple[in
     return scores.argmax(0).numpy()
 
 
+def with_resize(segmenter: Segmenter, resize: str | int) -> Segmenter:
+    """The same sessions under another resize rule (no second model load)."""
+    from deeplab_cli.runtime import effective_protocol
+
+    other = Segmenter.__new__(Segmenter)
+    other.__dict__.update(segmenter.__dict__, protocol=effective_protocol(segmenter.spec.protocol, resize))
+    return other
+
+
 def test_golden_mask_of_the_float_model(dm05: Segmenter) -> None:
-    # tflite-support's expected output for this model: pixel value = class index x 10.
+    # tflite-support's expected output for this model (run at the file's own 257 x 257 input, so not
+    # resized): pixel value = class index x 10.
     golden = np.array(Image.open(IMAGES / "segmentation_golden_rotation0.png")) // 10
-    prediction = dm05.predict(IMAGES / "segmentation_input_rotation0.jpg")
+    prediction = with_resize(dm05, "native").predict(IMAGES / "segmentation_input_rotation0.jpg")
     assert prediction.labels.shape == golden.shape and prediction.labels.dtype == np.uint8
     assert (prediction.labels == golden).mean() >= 0.999  # measured: 1.0
     assert {c["name"] for c in prediction.class_fractions(dm05.class_names)} == {
@@ -66,10 +76,7 @@ def test_dog_foreground_matches_the_trimap(mnv2: Segmenter) -> None:
 
 
 def test_labels_follow_the_protocol_exactly(mnv2: Segmenter) -> None:
-    from deeplab_cli.runtime import effective_protocol
-
-    native = Segmenter.__new__(Segmenter)  # the same sessions, with resize="native"
-    native.__dict__.update(mnv2.__dict__, protocol=effective_protocol(mnv2.spec.protocol, "native"))
+    native = with_resize(mnv2, "native")
     for image_id in voc_sample_ids(3):
         prediction = native.predict(VOC2012 / "JPEGImages" / f"{image_id}.jpg", return_probs=True)
         assert prediction.padded_size == (513, 513) and prediction.logits.shape == (21, 65, 65)
@@ -135,7 +142,7 @@ def test_array_and_pil_inputs(dm05: Segmenter) -> None:
 
 def test_max_size_bounds_the_network_input(dm05: Segmenter) -> None:
     image = Image.open(IMAGES / "segmentation_input_rotation0.jpg").convert("RGB")  # 257 x 257
-    small = dm05.predict(image).labels
+    small = with_resize(dm05, "native").predict(image).labels
     big_image = np.array(image.resize((1028, 1028), Image.BICUBIC))
     limited = Segmenter(DM05, device="cpu", max_size=257, resize="native")  # the cap alone
     prediction = limited.predict(big_image)
