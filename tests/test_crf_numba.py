@@ -176,8 +176,9 @@ def test_lattice_is_the_torch_lattice(voc_image: np.ndarray) -> None:
     np.testing.assert_allclose(lat.bary.sum(1), 1.0, atol=1e-5)
     assert (lat.bary >= -1e-6).all()
     # The splat lists hold each (point, corner) pair once, points ascending per vertex.
-    assert lat.ptr[-1] == lat.offsets.size
-    assert all(np.all(np.diff(lat.pix[a:b]) > 0) for a, b in zip(lat.ptr[:-1], lat.ptr[1:], strict=True))
+    ptr, pix, _ = lat.splat_lists
+    assert ptr[-1] == lat.offsets.size
+    assert all(np.all(np.diff(pix[a:b]) > 0) for a, b in zip(ptr[:-1], ptr[1:], strict=True))
 
 
 def test_constant_in_constant_out_and_normaliser(voc_image: np.ndarray) -> None:

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -35,7 +35,7 @@ PROB_FLOOR = 1e-8  # as the torch and pydensecrf backends: the unary is -scale *
 _LOCK = threading.RLock()
 _POS_CACHE: OrderedDict[tuple[int, int, float], NumbaLattice] = OrderedDict()
 _POS_CACHE_SIZE = 4
-LABEL_PAD = 32  # label vectors are padded to whole SIMD vectors (4 x 8 floats: LLVM's unrolled AVX loop)
+LABEL_PAD = 8  # label vectors are padded to whole AVX vectors (24 floats for 21 labels)
 
 
 @lru_cache(maxsize=1)
@@ -53,22 +53,26 @@ class NumbaLattice:
     """A permutohedral lattice over N points of dimension ``d`` with M vertices.
 
     ``offsets``/``bary`` (N x (d+1)): each point's simplex corners and barycentric weights;
-    ``nbr`` ((d+1) x M x 2): previous/next vertex per axis (-1 absent); ``ptr/pix/wts``: the points of
-    each vertex (CSR, points ascending); ``norm``: the symmetric normaliser ``1 / sqrt(K 1 + 1e-20)``.
+    ``nbr`` ((d+1) x M x 2): previous/next vertex per axis (-1 absent); ``norm``: the symmetric
+    normaliser ``1 / sqrt(K 1 + 1e-20)``.
     """
 
     d: int
     offsets: np.ndarray
     bary: np.ndarray
     nbr: np.ndarray
-    ptr: np.ndarray
-    pix: np.ndarray
-    wts: np.ndarray
     norm: np.ndarray
 
     @property
     def n_vertices(self) -> int:
-        return int(self.ptr.size - 1)
+        return int(self.nbr.shape[1])
+
+    @cached_property
+    def splat_lists(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The splat as lists per vertex (CSR ``ptr, pix, wts``, points ascending): for inspection."""
+        from . import _numba_kernels as nk
+
+        return nk.splat_lists(self.offsets, self.bary, self.n_vertices)
 
 
 def _scale_factors(d: int) -> np.ndarray:
@@ -91,10 +95,9 @@ def build_lattice(features: np.ndarray) -> NumbaLattice:
         offsets, keys, table = nk.insert_vertices(rem0, rank)
         del rem0, rank
         nbr = nk.blur_neighbours(keys, table)
-        ptr, pix, wts = nk.splat_lists(offsets, bary, keys.shape[0])
-        ones = nk.filter_ones(offsets, bary, nbr, ptr, wts)
+        ones = nk.filter_ones(offsets, bary, nbr)
     norm = (1.0 / np.sqrt(ones.astype(np.float64) + 1e-20)).astype(np.float32)
-    return NumbaLattice(d, offsets, bary, nbr, ptr, pix, wts, norm)
+    return NumbaLattice(d, offsets, bary, nbr, norm)
 
 
 def positional_features(h: int, w: int, std: float) -> np.ndarray:
@@ -200,8 +203,8 @@ def refine_numba(
             first, second = lattices[0], lattices[-1]
             nk.mean_field(
                 neg, q, params.iterations, len(lattices), np.array(weights, np.float32),
-                first.offsets, first.bary, first.nbr, first.ptr, first.pix, first.wts, first.norm,
-                second.offsets, second.bary, second.nbr, second.ptr, second.pix, second.wts, second.norm,
+                first.offsets, first.bary, first.nbr, first.norm,
+                second.offsets, second.bary, second.nbr, second.norm,
                 c <= 2, c,
             )  # fmt: skip
     return np.ascontiguousarray(q[:, :c].T).reshape(c, h, w)
