@@ -130,8 +130,8 @@ class EvalResult:
 
 
 def protocol_record(model: ScoringModel) -> dict[str, Any]:
-    """The resize/padding protocol the model was run with, for the JSON (fields and one line of text)."""
-    protocol = getattr(model.spec, "protocol", None)
+    """The resize/padding protocol the model was run with (after any --resize override), for the JSON."""
+    protocol = getattr(model, "protocol", None) or getattr(model.spec, "protocol", None)
     fields = dataclasses.asdict(protocol) if dataclasses.is_dataclass(protocol) else {}
     return {**fields, "text": model.describe_protocol()}
 

@@ -40,4 +40,22 @@ def deeplab_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["DEEPLAB_HOME"] = str(home)
     os.environ["DEEPLAB_MIRROR"] = str(WEIGHTS_MIRROR)
     os.environ["DEEPLAB_OFFLINE"] = "1"
+    _convert_shared_models()
     return home
+
+
+# The models most tests run. Converting them before any test starts keeps the first-use notice
+# ("converting ... once") out of the stderr that the CLI tests compare, whichever test runs first.
+WARM_MODELS = ("deeplabv3-mnv2-dm05-voc", "deeplabv3-mnv2-voc")
+
+
+def _convert_shared_models() -> None:
+    from deeplab_cli import weights
+    from deeplab_cli.zoo import get_model
+
+    previous = weights.set_notice(None)
+    try:
+        for name in WARM_MODELS:
+            weights.ensure_onnx(get_model(name))
+    finally:
+        weights.set_notice(previous)

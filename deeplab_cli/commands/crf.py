@@ -12,6 +12,7 @@ from deeplab_cli.commands.options import (
     crf_backend_option,
     dataset_options,
     device_option,
+    resize_option,
     scales_options,
 )
 
@@ -69,6 +70,7 @@ def _parse_floats(text: str, option: str) -> tuple[float, ...]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Where to write the best parameters (default: <cache>/crf/<model>.json).",
 )
+@resize_option
 @device_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress messages.")
 @click.pass_context
@@ -85,6 +87,7 @@ def tune(
     crf_backend: str,
     workers: int | None,
     output: Path | None,
+    resize: str | int,
     device: str,
     quiet: bool,
 ) -> None:
@@ -129,7 +132,7 @@ def tune(
     runner = CRFRunner(CRFParams(), crf_backend, device, workers, threads=1)
     with runner:
         dataset = data.open(count)
-        segmenter = Segmenter(model, device=device)
+        segmenter = Segmenter(model, device=device, resize=resize)
         log = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
         log(f"deeplab: CRF on {runner.describe()}")
         result = run_tune(

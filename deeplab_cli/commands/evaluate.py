@@ -14,6 +14,7 @@ from deeplab_cli.commands.options import (
     crf_options,
     dataset_options,
     device_option,
+    resize_option,
     scales_options,
 )
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     type=click.Path(file_okay=False, path_type=Path),
     help="Save label PNGs: DIR/<id>.png (no CRF) and DIR/crf/<id>.png.",
 )
+@resize_option
 @device_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def evaluate(
@@ -49,6 +51,7 @@ def evaluate(
     json_path: Path | None,
     plot: Path | None,
     save_masks: Path | None,
+    resize: str | int,
     device: str,
     quiet: bool,
 ) -> None:
@@ -68,7 +71,7 @@ def evaluate(
 
     check_writable(json_path, plot, save_masks / "crf" / "probe.png" if save_masks else None)
     dataset = data.open(limit)
-    segmenter, runner = open_model_and_crf(data.model_name(), device, crf)
+    segmenter, runner = open_model_and_crf(data.model_name(), device, crf, resize)
     options = EvalOptions(scales=scales, flip=flip, save_masks=save_masks)
     with _progress(len(dataset), quiet) as advance, _closing(runner):
         result = run_evaluation(segmenter, dataset, options, crf=runner, progress=advance)
@@ -84,7 +87,9 @@ def evaluate(
         write_trimap_plot(plot, document)
 
 
-def open_model_and_crf(model: str, device: str, crf: CRFChoice) -> tuple[Segmenter, CRFRunner | None]:
+def open_model_and_crf(
+    model: str, device: str, crf: CRFChoice, resize: str | int = "protocol"
+) -> tuple[Segmenter, CRFRunner | None]:
     """The network, then (with --crf) the CRF runner on the same device with the model's defaults.
 
     On the CPU the cores are split (``crf.runner.default_crf_workers``): the network gets the cores the
@@ -101,7 +106,7 @@ def open_model_and_crf(model: str, device: str, crf: CRFChoice) -> tuple[Segment
     workers, threads = default_crf_workers(cores, on_gpu)
     workers = workers if crf.workers is None else crf.workers
     split = network_threads(cores, workers, threads) if crf.enabled and not on_gpu else None
-    segmenter = Segmenter(model, device=device, threads=split)
+    segmenter = Segmenter(model, device=device, threads=split, resize=resize)
     params, backend, _ = resolve_crf(crf, segmenter.spec.crf)
     if params is None:
         return segmenter, None

@@ -200,6 +200,29 @@ def device_option(function: F) -> F:
     )(function)
 
 
+def _check_resize(ctx: click.Context, param: click.Parameter, value: str) -> str | int:
+    text = value.strip().lower()
+    if text in ("protocol", "native"):
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise click.BadParameter("use protocol, native or a positive number of pixels (the longer side)")
+
+
+def resize_option(function: F) -> F:
+    """``--resize``: the model's upstream resize rule (default), the image's own size, or a longer side."""
+    return click.option(
+        "--resize",
+        default="protocol",
+        show_default=True,
+        metavar="protocol|native|N",
+        callback=_check_resize,
+        help="How an image is sized for the network: the model's upstream rule (VOC: longer side to 513, "
+        "ADE20K: TF DeepLab's resize_to_range), its own size (native: best for small objects in large "
+        "photos), or the longer side set to N pixels. Outputs are always at the image's own size.",
+    )(function)
+
+
 @dataclass(frozen=True)
 class DatasetChoice:
     """Which split to read: the values of :func:`dataset_options`."""

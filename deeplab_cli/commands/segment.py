@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from deeplab_cli.commands.options import CRFChoice, crf_options, device_option, model_option
+from deeplab_cli.commands.options import CRFChoice, crf_options, device_option, model_option, resize_option
 from deeplab_cli.commands.progress import ProgressBar
 from deeplab_cli.errors import StdoutClosed, UsageError
 
@@ -59,6 +59,7 @@ DEFAULT_OUT = "deeplab-out"
     "--shard", default=None, metavar="i/n", help="Process the inputs at positions i, i+n, ... only."
 )
 @click.option("-0", "--null", is_flag=True, help="The list read from '-' is NUL-separated (find -print0).")
+@resize_option
 @click.option(
     "--max-size",
     default=2048,
@@ -111,6 +112,7 @@ def segment(
     skip_existing: bool,
     shard: str | None,
     null: bool,
+    resize: str | int,
     max_size: int,
     workers: int,
     sessions: int,
@@ -170,7 +172,11 @@ def segment(
     )
     if not options.kinds and not as_json:
         raise UsageError("nothing to do: --no-mask without --overlay, --scores or --json")
-    segmenter = _segmenter(model, device, batch_size, max_size, sessions)
+    if quiet:
+        from deeplab_cli import weights
+
+        weights.set_notice(None)  # a first use still converts, silently
+    segmenter = _segmenter(model, device, batch_size, resize, max_size, sessions)
     runner = _crf_runner(crf, segmenter, device)
     with ProgressBar("segment", quiet=quiet) as bar:
 
@@ -202,7 +208,9 @@ def segment(
     ctx.exit(summary.exit_code)
 
 
-def _segmenter(model: str | None, device: str, batch_size: int, max_size: int, sessions: int) -> Segmenter:
+def _segmenter(
+    model: str | None, device: str, batch_size: int, resize: str | int, max_size: int, sessions: int
+) -> Segmenter:
     """The model, resolved (a registry name is checked before anything is converted or read)."""
     from deeplab_cli.device import parse_device
     from deeplab_cli.runtime import Segmenter
@@ -212,7 +220,12 @@ def _segmenter(model: str | None, device: str, batch_size: int, max_size: int, s
     if not sessions:
         sessions = 1 if parse_device(device).wants_cuda else min(2, os.cpu_count() or 1)
     return Segmenter(
-        spec or model, device=device, batch_size=batch_size, max_size=max_size or None, sessions=sessions
+        spec or model,
+        device=device,
+        batch_size=batch_size,
+        resize=resize,
+        max_size=max_size or None,
+        sessions=sessions,
     )
 
 
