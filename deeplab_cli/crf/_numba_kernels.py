@@ -331,6 +331,12 @@ def _blur(nbr: np.ndarray, buf_a: np.ndarray, buf_b: np.ndarray, scalar_path: bo
 
 
 @njit(cache=True, inline="always")
+def _alpha(k1: int) -> np.float32:
+    """densecrf's slice scale ``1 / (1 + 2**-d)`` (float32), computed once per kernel, not per pixel."""
+    return np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(1 - k1))
+
+
+@njit(cache=True, inline="always")
 def _slice_add(
     row: np.ndarray,
     acc: np.ndarray,
@@ -340,27 +346,45 @@ def _slice_add(
     vals: np.ndarray,
     norm: np.ndarray,
     weight: np.float32,
+    alpha: np.float32,
     scalar_path: bool,
 ) -> None:
-    """``row += weight * (norm[p] * sum_r (w_r alpha) vals[o_r])``, densecrf's slice and Potts term."""
+    """``row += weight * (norm[p] * sum_r (w_r alpha) vals[o_r])``, densecrf's slice and Potts term.
+
+    The sum runs over the corners in order, from zero; for the positional (3 corners) and bilateral (6)
+    lattices it is written out so that each label's sum stays in a register (one loop over labels).
+    """
     c = row.size
     k1 = offsets.shape[1]
-    alpha = np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(1 - k1))
-    for ch in range(c):
-        acc[ch] = np.float32(0.0)
-    for r in range(k1):
-        src = vals[offsets[p, r]]
-        if scalar_path:
-            w = bary[p, r]
-            for ch in range(c):
-                acc[ch] += (w * src[ch]) * alpha
-        else:
-            w = bary[p, r] * alpha
-            for ch in range(c):
-                acc[ch] += w * src[ch]
     nm = norm[p]
+    if scalar_path or (k1 != 3 and k1 != 6):
+        for ch in range(c):
+            acc[ch] = np.float32(0.0)
+        for r in range(k1):
+            src = vals[offsets[p, r]]
+            if scalar_path:
+                w = bary[p, r]
+                for ch in range(c):
+                    acc[ch] += (w * src[ch]) * alpha
+            else:
+                w = bary[p, r] * alpha
+                for ch in range(c):
+                    acc[ch] += w * src[ch]
+        for ch in range(c):
+            row[ch] += weight * (acc[ch] * nm)
+        return
+    s0, s1, s2 = vals[offsets[p, 0]], vals[offsets[p, 1]], vals[offsets[p, 2]]
+    w0, w1, w2 = bary[p, 0] * alpha, bary[p, 1] * alpha, bary[p, 2] * alpha
+    if k1 == 3:
+        for ch in range(c):
+            a = w0 * s0[ch] + w1 * s1[ch] + w2 * s2[ch]
+            row[ch] += weight * (a * nm)
+        return
+    s3, s4, s5 = vals[offsets[p, 3]], vals[offsets[p, 4]], vals[offsets[p, 5]]
+    w3, w4, w5 = bary[p, 3] * alpha, bary[p, 4] * alpha, bary[p, 5] * alpha
     for ch in range(c):
-        row[ch] += weight * (acc[ch] * nm)
+        a = w0 * s0[ch] + w1 * s1[ch] + w2 * s2[ch] + w3 * s3[ch] + w4 * s4[ch] + w5 * s5[ch]
+        row[ch] += weight * (a * nm)
 
 
 @njit(cache=True, parallel=True)
@@ -390,7 +414,9 @@ def mean_field(
     -1 absent) and symmetric normaliser ``norm``; kernel 2 is ignored when ``n_kernels`` is 1. Per
     iteration, as densecrf (kernels summed in this order): ``q <- softmax(-U + sum_k w_k n_k K_k (n_k q))``.
     Threads: the two kernels' splats run side by side (each serial, in pixel order), the blur over
-    vertices, slice + softmax over blocks of pixels; no sum depends on the thread count.
+    vertices, slice + softmax over blocks of pixels; no sum depends on the thread count. (Fusing each
+    tile's splat for the next iteration into the slice pass was measured slower: it doubles the vertex
+    values in cache.)
     """
     n, c = q.shape
     m1 = nbr1.shape[1]
@@ -401,9 +427,11 @@ def mean_field(
     b2 = np.zeros((m2 + 1, c), np.float32)
     w1 = weights[0]
     w2 = weights[n_kernels - 1]
+    alpha1 = _alpha(offsets1.shape[1])
+    alpha2 = _alpha(offsets2.shape[1])
     n_blocks = (n + BLOCK - 1) // BLOCK
     for _ in range(iterations):
-        for k in prange(n_kernels):
+        for k in prange(n_kernels):  # the two kernels' splats side by side
             if k == 0:
                 _scatter(q, offsets1, bary1, norm1, a1)
             else:
@@ -421,15 +449,45 @@ def mean_field(
             end = min(n, (blk + 1) * BLOCK)
             for p0 in range(blk * BLOCK, end, SUB):
                 p1 = min(end, p0 + SUB)
-                for p in range(p0, p1):
-                    row = q[p]
-                    u = neg_unary[p]
-                    for ch in range(c):
-                        row[ch] = u[ch]
-                    _slice_add(row, acc, p, offsets1, bary1, v1, norm1, w1, scalar_path)
-                    if n_kernels > 1:
-                        _slice_add(row, acc, p, offsets2, bary2, v2, norm2, w2, scalar_path)
+                _slice_rows(
+                    q, neg_unary, p0, p1, acc, n_kernels, scalar_path,
+                    offsets1, bary1, v1, norm1, w1, alpha1, offsets2, bary2, v2, norm2, w2, alpha2,
+                )  # fmt: skip
                 softmax_tile(q, p0, p1, n_classes, t, top, total, bits)
+
+
+@njit(cache=True, inline="always")
+def _slice_rows(
+    q: np.ndarray,
+    neg_unary: np.ndarray,
+    p0: int,
+    p1: int,
+    acc: np.ndarray,
+    n_kernels: int,
+    scalar_path: bool,
+    offsets1: np.ndarray,
+    bary1: np.ndarray,
+    v1: np.ndarray,
+    norm1: np.ndarray,
+    w1: np.float32,
+    alpha1: np.float32,
+    offsets2: np.ndarray,
+    bary2: np.ndarray,
+    v2: np.ndarray,
+    norm2: np.ndarray,
+    w2: np.float32,
+    alpha2: np.float32,
+) -> None:
+    """``q[p] = -U[p] + w1 n1 K1 (..) + w2 n2 K2 (..)`` for ``p0 <= p < p1`` (before the softmax)."""
+    c = q.shape[1]
+    for p in range(p0, p1):
+        row = q[p]
+        u = neg_unary[p]
+        for ch in range(c):
+            row[ch] = u[ch]
+        _slice_add(row, acc, p, offsets1, bary1, v1, norm1, w1, alpha1, scalar_path)
+        if n_kernels > 1:
+            _slice_add(row, acc, p, offsets2, bary2, v2, norm2, w2, alpha2, scalar_path)
 
 
 # Cephes' single-precision exp: exp(x) = 2**n * exp(r), n = round(x / ln 2), |r| <= ln(2)/2, with a
@@ -447,6 +505,31 @@ _P4 = np.float32(1.6666665459e-1)
 _P5 = np.float32(5.0000001201e-1)
 _HALF = np.float32(0.5)
 _ONE = np.float32(1.0)
+
+
+@njit(cache=True, parallel=True)
+def rows_from_planes(planes: np.ndarray, out: np.ndarray, negate: bool) -> None:
+    """``out[p, :C] = planes[:, p]`` (negated if asked; C x N -> N x C', padding left alone), in tiles."""
+    c, n = planes.shape
+    n_blocks = (n + BLOCK - 1) // BLOCK
+    sign = np.float32(-1.0) if negate else np.float32(1.0)
+    for b in prange(n_blocks):
+        for p in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
+            row = out[p]
+            for ch in range(c):
+                row[ch] = planes[ch, p] * sign if negate else planes[ch, p]
+
+
+@njit(cache=True, parallel=True)
+def planes_from_rows(rows: np.ndarray, out: np.ndarray) -> None:
+    """``out[ch, p] = rows[p, ch]`` for the first C = out.shape[0] columns (N x C' -> C x N), in tiles."""
+    c, n = out.shape
+    n_blocks = (n + BLOCK - 1) // BLOCK
+    for b in prange(n_blocks):
+        for ch in range(c):
+            dst = out[ch]
+            for p in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
+                dst[p] = rows[p, ch]
 
 
 SUB = 64  # pixels per softmax tile: labels x pixels, so that exp runs across pixels in SIMD lanes

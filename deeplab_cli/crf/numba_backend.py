@@ -155,10 +155,14 @@ def _num_threads(threads: int | None) -> Iterator[None]:
 def unary_rows(probs: np.ndarray, unary_scale: float, pad_to: int = 1) -> np.ndarray:
     """``-U`` as N x C' float32 rows, ``U = -unary_scale * log(max(p, 1e-8))`` computed as the pydensecrf
     backend does (same float32 operations); C' is C rounded up to a multiple of ``pad_to`` (zeros)."""
+    from . import _numba_kernels as nk
+
     c = probs.shape[0]
-    unary = -unary_scale * np.log(np.maximum(probs.reshape(c, -1), PROB_FLOOR))
+    unary = np.maximum(probs.reshape(c, -1), PROB_FLOOR)
+    np.log(unary, out=unary)
+    unary *= -unary_scale
     out = np.zeros((unary.shape[1], -(-c // pad_to) * pad_to), np.float32)
-    out[:, :c] = (-unary).T
+    nk.rows_from_planes(unary, out, True)
     return out
 
 
@@ -207,4 +211,6 @@ def refine_numba(
                 second.offsets, second.bary, second.nbr, second.norm,
                 c <= 2, c,
             )  # fmt: skip
-    return np.ascontiguousarray(q[:, :c].T).reshape(c, h, w)
+        out = np.empty((c, h * w), np.float32)
+        nk.planes_from_rows(q, out)
+    return out.reshape(c, h, w)
