@@ -7,15 +7,16 @@ to the last bits of ``exp`` and of the softmax sum:
 * lattice: elevation, rounding half to even, ranking (same tie-breaks), barycentric weights, and vertices
   numbered in order of first use by the pixels (the hash-table order densecrf gets), with 32-bit keys
   instead of 16-bit ones (no overflow on large images);
-* splat as a gather per vertex over its pixels in ascending pixel order (the order of densecrf's serial
-  scatter, so the sums are bit-identical, and threads never write the same vertex);
+* splat as densecrf's serial scatter in pixel order (bit-identical sums); the two kernels' splats run on
+  two threads side by side, so no sum depends on the thread count;
 * blur ``v + 0.5 (v[prev] + v[next])`` along the d+1 axes, a missing neighbour reading a zero row;
 * slice ``sum_r (w_r alpha) v[o_r]`` (densecrf's SSE path, used for more than two labels) or
   ``sum_r (w_r v[o_r]) alpha`` (its scalar path: the normaliser and two labels).
 
-Values are vertex-major (V x C, a vertex's labels contiguous) so that the loops over labels vectorise;
-``prange`` runs over vertices (splat, blur) and over blocks of pixels (slice + softmax). No ``fastmath``:
-reassociation would change the rounding order that makes the results match.
+Values are vertex-major (V x C, a vertex's labels contiguous, C padded to a multiple of 8) so that the
+loops over labels vectorise; ``prange`` runs over the kernels (splat), vertices (blur) and blocks of pixels
+(slice + softmax, the softmax on labels x 64-pixel tiles so that ``exp`` vectorises across pixels). No
+``fastmath``: reassociation would change the rounding order that makes the results match.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Same maths and float32 rounding order as pydensecrf (Krähenbühl's C++; see :mod:`._numba_kernels`):
 results agree with pydensecrf to a few 1e-6. The lattice is built once per image and kernel (the
 smoothness kernel's is cached per image size), neighbour indices are precomputed, label vectors are
-contiguous, and splat/blur/slice run on all of numba's threads (vertices, pixels); per core it does
-somewhat less work than pydensecrf (CPU time ~0.8x, see benchmarks/bench_crf.py), the rest of the gain
-comes from the threads.
+contiguous and padded to whole SIMD vectors; the splat is a serial scatter in pixel order (the two
+kernels on two threads), blur and slice + softmax run on all of numba's threads (vertices, pixels). Per
+core it does less than half of pydensecrf's work (see benchmarks/bench_crf.py for the measured ratios).
 
 The kernels are compiled on first use (``cache=True``): ~15 s on an idle 16-core machine, up to a minute
 on a busy small one, once per machine and numba version. The code is written next to the module
