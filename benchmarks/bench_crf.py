@@ -5,7 +5,8 @@ random field instead), 10 iterations, DeepLab-LargeFOV parameters. The backends 
 machine load affects them alike; medians of wall time and of process CPU time (``time.process_time``:
 all threads of this process) and the ratios to pydensecrf (lower is better) are printed, then the
 lattice build time alone, 151 classes (ADE20K) and one 2048x1024 frame (Cityscapes size, 19 classes).
-"numba 1 thread" shows the per-core gain; "numba" uses all of numba's threads (``--threads``).
+"numba 1 thread" shows the per-core gain; "numba" uses all of numba's threads (``--threads``). The
+machine's load average is printed with each table: on a shared machine, quote it with the numbers.
 
     python benchmarks/bench_crf.py [--repeats 5] [--threads N] [--synthetic] [--no-large]
 """
@@ -82,7 +83,7 @@ def interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> dict[st
 
 
 def table(title: str, medians: dict[str, tuple[float, float]], ref: str | None) -> None:
-    print(f"\n{title}")
+    print(f"\n{title}, load average after: {os.getloadavg()[0]:.1f}")
     print(f"  {'backend':24s} {'wall ms':>9s} {'cpu ms':>9s} {'wall ratio':>10s} {'cpu ratio':>9s}")
     base = medians.get(ref) if ref else None
     for name, (wall, cpu) in medians.items():
