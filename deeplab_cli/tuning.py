@@ -361,6 +361,14 @@ def _search(
     )
 
 
+def parse_numbers(text: str) -> tuple[float, ...]:
+    """``"0.5, 0.75,1"`` -> ``(0.5, 0.75, 1.0)``: the one comma-list parser (grids, scales, unary scales).
+
+    Raises ValueError on a value that is not a number; empty items are ignored.
+    """
+    return tuple(float(value) for value in text.split(",") if value.strip())
+
+
 def parse_grid(text: str) -> dict[str, tuple[float, ...]]:
     """``"bi_w=3,5;bi_xy_std=50,80;bi_rgb_std=3"`` -> axes of a coarse grid."""
     axes: dict[str, tuple[float, ...]] = {}
@@ -374,7 +382,7 @@ def parse_grid(text: str) -> dict[str, tuple[float, ...]]:
                 f"bad grid axis {part!r}; expected NAME=V1,V2 with NAME in {', '.join(PARAM_NAMES)}"
             )
         try:
-            axes[name] = tuple(float(v) for v in values.split(",") if v.strip())
+            axes[name] = parse_numbers(values)
         except ValueError:
             raise UsageError(f"bad grid values in {part!r}") from None
     if not axes:

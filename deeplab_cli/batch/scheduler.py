@@ -98,7 +98,7 @@ class _Slot:
 
 
 @dataclass
-class _Decoded:
+class Decoded:
     job: Job
     prepared: Prepared
     original: np.ndarray | None  # the full-size RGB image, kept when an output needs it
@@ -133,7 +133,7 @@ class Scheduler:
         summary = Summary()
         pending: deque[_Slot] = deque()  # every input past decoding, in input order
         reads: deque[Future] = deque()  # decoding (or already failed/skipped) inputs, in input order
-        groups: dict[tuple[int, int], list[tuple[_Decoded, _Slot]]] = {}  # decoded, waiting for a batch
+        groups: dict[tuple[int, int], list[tuple[Decoded, _Slot]]] = {}  # decoded, waiting for a batch
         readers = ThreadPoolExecutor(threads, thread_name_prefix="deeplab-read")
         inferers = ThreadPoolExecutor(sessions, thread_name_prefix="deeplab-infer")
         writers = ThreadPoolExecutor(threads, thread_name_prefix="deeplab-write")
@@ -150,7 +150,7 @@ class Scheduler:
         try:
             while True:
                 while len(reads) < lookahead and (job := next(todo, None)) is not None:
-                    early = self._early_record(job)
+                    early = self.early_record(job)
                     reads.append(_done(early) if early is not None else readers.submit(self._decode, job))
                 if not reads:
                     break
@@ -221,7 +221,7 @@ class Scheduler:
 
     # -- stages ------------------------------------------------------------------------------------------
 
-    def _early_record(self, job: Job) -> Record | None:
+    def early_record(self, job: Job) -> Record | None:
         """A record without decoding: input errors, refused outputs and skipped inputs."""
         if job.error is not None:
             return Record(input=job.item.path, status="failed", error=job.error)
@@ -229,7 +229,7 @@ class Scheduler:
             return skipped_record(job)
         return None
 
-    def _decode(self, job: Job) -> _Decoded | Record:
+    def _decode(self, job: Job) -> Decoded | Record:
         try:
             prepared = self.segmenter.prepare(job.item.path)
             original = None
@@ -239,9 +239,9 @@ class Scheduler:
             return Record(input=job.item.path, status="failed", error=str(exc))
         except Exception as exc:  # any other failure of one input must not stop the batch
             return _failed(job.item.path, f"{type(exc).__name__}: {exc}")
-        return _Decoded(job=job, prepared=prepared, original=original)
+        return Decoded(job=job, prepared=prepared, original=original)
 
-    def _infer(self, batch: list[_Decoded], writers: ThreadPoolExecutor) -> list[Future | Record]:
+    def _infer(self, batch: list[Decoded], writers: ThreadPoolExecutor) -> list[Future | Record]:
         """Run one batch, then hand each image to the writer pool (one future or record per image)."""
         start = time.perf_counter()
         try:
@@ -252,10 +252,10 @@ class Scheduler:
         results: list[Future | Record] = []
         for offset, item in enumerate(batch):
             item.prepared.timings["infer"] = share
-            results.append(writers.submit(self._finish, item, logits[offset]))
+            results.append(writers.submit(self.finish, item, logits[offset]))
         return results
 
-    def _finish(self, item: _Decoded, logits: np.ndarray) -> Record:
+    def finish(self, item: Decoded, logits: np.ndarray) -> Record:
         path = item.job.item.path
         try:
             prediction = self._predict(item, logits)
@@ -267,7 +267,7 @@ class Scheduler:
         except Exception as exc:
             return _failed(path, f"{type(exc).__name__}: {exc}")
 
-    def _predict(self, item: _Decoded, logits: np.ndarray) -> Prediction:
+    def _predict(self, item: Decoded, logits: np.ndarray) -> Prediction:
         """Upsample (and refine with the CRF when asked): the runtime's ``finish`` does both when it can."""
         # a .probs.npz is written from the prediction's bands (iter_prob_bands): C x H x W is never held
         finish = self.segmenter.finish

@@ -23,8 +23,10 @@ def crf() -> None:
 
 
 def _parse_floats(text: str, option: str) -> tuple[float, ...]:
+    from deeplab_cli.tuning import parse_numbers
+
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        return parse_numbers(text)
     except ValueError:
         raise click.BadParameter(
             f"expected comma-separated numbers, got {text!r}", param_hint=option

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ from deeplab_cli.commands.options import (
     resize_option,
     scales_options,
 )
+from deeplab_cli.commands.progress import ProgressBar
 
 if TYPE_CHECKING:
     from deeplab_cli.crf.runner import CRFRunner
@@ -73,8 +73,8 @@ def evaluate(
     dataset = data.open(limit)
     segmenter, runner = open_model_and_crf(data.model_name(), device, crf, resize)
     options = EvalOptions(scales=scales, flip=flip, save_masks=save_masks)
-    with _progress(len(dataset), quiet) as advance, _closing(runner):
-        result = run_evaluation(segmenter, dataset, options, crf=runner, progress=advance)
+    with ProgressBar("eval", quiet=quiet, total=len(dataset)) as bar, _closing(runner):
+        result = run_evaluation(segmenter, dataset, options, crf=runner, progress=lambda _id: bar.advance())
     document = result.to_dict()
     print_report(document)
     if json_path is not None:
@@ -139,31 +139,6 @@ class _closing:
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         if self.runner is not None:
             self.runner.close(cancel=exc_type is not None)
-
-
-class _progress:
-    """A rich progress bar on stderr (only when it is a terminal); yields the per-image callback."""
-
-    def __init__(self, total: int, quiet: bool):
-        self.total, self.enabled = total, not quiet and sys.stderr.isatty()
-        self.bar: Any = None
-
-    def __enter__(self) -> Any:
-        if not self.enabled:
-            return None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        self.bar = Progress(
-            "eval", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(stderr=True)
-        )
-        self.bar.start()
-        task = self.bar.add_task("eval", total=self.total)
-        return lambda _id: self.bar.update(task, advance=1)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _pct(value: float | None) -> str:

@@ -153,8 +153,10 @@ def crf_options(function: F) -> F:
 
 
 def _parse_scales(_ctx: click.Context, _param: click.Parameter, text: str) -> tuple[float, ...]:
+    from deeplab_cli.tuning import parse_numbers
+
     try:
-        scales = tuple(float(part) for part in text.split(",") if part.strip())
+        scales = parse_numbers(text)
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
     if not scales or any(not math.isfinite(s) or s <= 0 or s > 4 for s in scales):

@@ -77,7 +77,7 @@ class RayPipeline:
         summary = Summary()
         local = Scheduler(self.segmenter, self.options)  # its skip and input-error rules, on the driver
         with connected(self.ray_options.address, self.ray_options.num_cpus) as ray:
-            early = [local._early_record(job) for job in jobs]
+            early = [local.early_record(job) for job in jobs]
             todo = [job for job, record in zip(jobs, early, strict=True) if record is None]
             finished = self._records(ray, todo)
             try:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from deeplab_cli.batch import Record, Scheduler, SegmentOptions
-from deeplab_cli.batch.scheduler import _Decoded
+from deeplab_cli.batch.scheduler import Decoded
 from deeplab_cli.crf import CRFParams
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.files import read_image
@@ -189,7 +189,7 @@ class Finish:
             record = payload.get("record")
             if record is None:
                 prepared = payload["prepared"]
-                decoded = _Decoded(payload["job"], prepared, prepared.source)
-                record = self.scheduler._finish(decoded, payload["logits"])
+                decoded = Decoded(payload["job"], prepared, prepared.source)
+                record = self.scheduler.finish(decoded, payload["logits"])
             out.append(pack(row["index"], record=record))
         return as_batch(out)
