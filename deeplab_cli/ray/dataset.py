@@ -38,7 +38,7 @@ def segment_dataset(
     max_size: int | None = 2048,
     concurrency: int = 1,
     gpus_per_worker: float = 0.0,
-    cpus_per_worker: float = 1.0,
+    cpus_per_worker: float = 0.5,
     finish_concurrency: int = 1,
     crf_backend: str = "auto",
 ) -> Any:
@@ -46,6 +46,9 @@ def segment_dataset(
 
     ``crf``: True for the model's CRF defaults, a mapping of overrides, or :class:`CRFParams`.
     ``scores``: also add ``score``, the C x H x W float32 probabilities (after the CRF, when on).
+    The actors reserve half a CPU each by default (``cpus_per_worker``, and the finishing actors): whole
+    CPUs would let the two actor pools hold every CPU of a 2-CPU node while the dataset's own read tasks
+    (e.g. ``ray.data.read_images``) wait for one, and the pipeline would never start.
     """
     require_ray()
     quiet_ray_data()
@@ -79,7 +82,7 @@ def segment_dataset(
         },
         batch_size=1,
         concurrency=finish_concurrency,
-        num_cpus=1,
+        num_cpus=FINISH_CPUS,
         batch_format="numpy",
     ).drop_columns([HIDDEN])
 
@@ -105,6 +108,10 @@ def _objects(values: list[Any]) -> np.ndarray:
     array = np.empty(len(values), dtype=object)
     array[:] = values
     return array
+
+
+# CPUs reserved by each finishing actor (upsampling and the CRF, one thread): see segment_dataset.
+FINISH_CPUS = 0.5
 
 
 class DatasetInfer:
