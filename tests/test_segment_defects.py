@@ -291,7 +291,10 @@ def run_and_signal(tmp_path: Path, sig: signal.Signals, extra: list[str]) -> Non
         shutil.copy(VOC2012 / "JPEGImages" / f"{image_id}.jpg", source / f"{image_id}.jpg")
     out = tmp_path / "out"
     args = command(segment(source, "-o", out, "--json", "-q", "--workers", "1", *extra))
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    # bufsize=0: readline() must not read ahead into a buffer that communicate() (raw fd reads) never sees
+    process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, bufsize=0
+    )
     assert process.stdout is not None and process.stderr is not None
     first = process.stdout.readline()  # one image is done
     sent = time.monotonic()
