@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +25,7 @@ from PIL import Image
 
 from deeplab_cli.datasets import Dataset, Sample
 from deeplab_cli.errors import DeeplabError, ImageError, UsageError
+from deeplab_cli.files import probe_folder
 from deeplab_cli.geometry import labels_of, softmax
 from deeplab_cli.metrics import (
     TRIMAP_MAX_WIDTH,
@@ -155,8 +155,7 @@ def check_writable(*paths: Path | None) -> None:
         try:
             if not folder.is_dir():
                 raise NotADirectoryError(20, "not a folder", str(folder))
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".deeplab-probe-"):
-                pass
+            probe_folder(folder)
         except OSError as exc:
             raise UsageError(f"cannot write {target}: {exc.strerror or exc}") from None
         if target.exists() and not os.access(target, os.W_OK):

@@ -244,6 +244,16 @@ def atomic_write(
 _UMASK: int | None = None
 
 
+def probe_folder(folder: str | os.PathLike[str]) -> None:
+    """Create and remove a uniquely named temporary file in ``folder``; raises OSError when it cannot.
+
+    Permission bits alone do not tell a read-only mount, an ACL or a path under a file; writing does.
+    The name is unique, so shards of a job array may probe one folder at once.
+    """
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".deeplab-probe-"):
+        pass
+
+
 def _umask() -> int:
     global _UMASK
     if _UMASK is None:

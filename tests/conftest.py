@@ -20,6 +20,23 @@ VOC_ROOT = SHARED / "voc"  # holds VOC2012/
 VOC2012 = VOC_ROOT / "VOC2012"
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` pixels (a decompression bomb's shape), with tiny data."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
 def voc_sample_ids(n: int | None = None) -> list[str]:
     """The ids of the real VOC images present in ../shared (first ``n`` of them)."""
     ids = (VOC2012 / "ImageSets" / "Segmentation" / "sample.txt").read_text().split()

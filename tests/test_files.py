@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import png_header_only
 from PIL import Image
 
 from deeplab_cli import files as dio
@@ -109,26 +110,9 @@ def _jpeg_bytes(tmp_path: Path) -> bytes:
     return path.read_bytes()
 
 
-def bomb_png(width: int, height: int) -> bytes:
-    """A PNG whose header declares width x height pixels (no pixel data worth decoding)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
     path = tmp_path / "bomb.png"
-    path.write_bytes(bomb_png(100_000, 100_000))
+    path.write_bytes(png_header_only(100_000, 100_000))
     with pytest.raises(ImageError, match=r"bomb.png: image of 100000x100000 pixels exceeds the limit"):
         dio.read_image(path)
     with pytest.raises(ImageError, match="exceeds the limit of 5 pixels"):

@@ -13,12 +13,10 @@ import os
 import queue
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +26,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import onnxruntime
 import pytest
-from conftest import IMAGES, VOC2012
+from conftest import IMAGES, VOC2012, png_header_only
 from PIL import Image
 from segment_helpers import DM05, command, invoke, run_process
 
@@ -150,21 +148,6 @@ def server() -> Iterator[Server]:
     """One server for the read-only tests: small queue and body limit, so the limits can be hit."""
     with running_server("-m", DM05, "--workers", "1", "--max-queue", "1", "--max-body-mb", "1") as running:
         yield running
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width x height`` pixels (the decompression-bomb shape), tiny data."""
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def assert_one_line_error(reply: Reply, status: int, words: str) -> None:

@@ -120,10 +120,7 @@ def check_output_dir(out_dir: Path) -> None:
     """Create ``out_dir``, fail early (usage error) when it cannot be written, and mark it as ours."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        # a unique probe name: shards of a job array may share OUT
-        handle, probe = tempfile.mkstemp(prefix=".deeplab-write-test-", dir=out_dir)
-        os.close(handle)
-        os.unlink(probe)
+        files.probe_folder(out_dir)
         records_log(out_dir).create()
     except OSError as exc:
         reason = exc.strerror or str(exc)

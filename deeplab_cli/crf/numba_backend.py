@@ -27,11 +27,10 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
-from .params import CRFParams
+from .params import PROB_FLOOR, CRFParams
 
 __all__ = ["is_available", "refine_numba", "build_lattice", "NumbaLattice", "clear_cache"]
 
-PROB_FLOOR = 1e-8  # as the torch and pydensecrf backends: the unary is -scale * log(max(p, 1e-8))
 _LOCK = threading.RLock()
 _POS_CACHE: OrderedDict[tuple[int, int, float], NumbaLattice] = OrderedDict()
 _POS_CACHE_SIZE = 4
