@@ -259,7 +259,7 @@ class _ProcessPool:
             try:
                 conn.send((image, probs, params))
                 kind, value = conn.recv()
-            except (EOFError, OSError):
+            except (EOFError, OSError, TypeError):  # TypeError: a pipe closed under us on shutdown
                 error = CRFWorkerError("a CRF worker process stopped unexpectedly")
                 future.set_exception(error)
                 self._stopped(error)
@@ -303,11 +303,12 @@ class _ProcessPool:
                     process.kill()
         for _ in self._workers:
             self._tasks.put(None)
-        for process, conn in self._workers:
+        for process, _ in self._workers:
             process.join(timeout=None if not cancel else 5)
-            conn.close()
-        for feeder in self._feeders:
+        for feeder in self._feeders:  # before the pipes close: a feeder may still be writing to one
             feeder.join(timeout=5)
+        for _, conn in self._workers:
+            conn.close()
 
 
 # -- the GPU batcher --------------------------------------------------------------------------------------
