@@ -92,8 +92,8 @@ def open_model_and_crf(
 ) -> tuple[Segmenter, CRFRunner | None]:
     """The network, then (with --crf) the CRF runner on the same device with the model's defaults.
 
-    On the CPU the cores are split (``crf.runner.default_crf_workers``): the network gets the cores the
-    CRF workers do not, so the two do not fight over them.
+    On the CPU the cores are split (``crf.runner.default_crf_workers``): the CRF workers get most of them
+    and the network what is left, at least one thread.
     """
     import os
 
