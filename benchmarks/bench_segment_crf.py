@@ -110,7 +110,7 @@ def main() -> None:
                 agreement.append(mask_agreement(outs[crf[0]], outs[crf[1]]))
 
     load = os.getloadavg()[0]
-    print(f"\n{n} VOC images, {os.cpu_count()} CPUs, {args.rounds} rounds (medians), load average after {load:.1f}")
+    print(f"\n{n} VOC images, {os.cpu_count()} CPUs, {args.rounds} rounds (medians), load after {load:.1f}")
     print(f"  {'config':<14} {'wall s':>8} {'cpu s':>8} {'images/s':>9} {'wall ratio':>11} {'cpu ratio':>10}")
     base = "pydensecrf" if "pydensecrf" in configs else configs[0]
     base_wall, base_cpu = statistics.median(walls[base]), statistics.median(cpus[base])
