@@ -27,6 +27,7 @@ from deeplab_cli.batch.scheduler import Decoded
 from deeplab_cli.crf import CRFParams
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.files import read_image
+from deeplab_cli.runtime import Prepared
 from deeplab_cli.zoo import ModelSpec
 
 
@@ -165,7 +166,7 @@ class Infer:
             payload["logits"] = logits[offset]
 
 
-def _without_input(prepared: Any) -> Any:
+def _without_input(prepared: Prepared) -> Prepared:
     """``prepared`` minus the network input, which finishing does not read (a resized float32 input is
     ~2.4 MB of a VOC image's ~3.5 MB row): an empty array keeps its shape, the geometry ``finish`` needs.
     Kept when no source image is held, for then the input is the image an overlay draws on."""
