@@ -6,11 +6,18 @@ Nothing is downloaded: DEEPLAB_MIRROR points at the shared weights, DEEPLAB_HOME
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any test module imports torch (see deeplab_cli)
+
+# A shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored across exec:
+# the commands the signal tests start would then never see their SIGINT. Handled here, it is back to
+# the default in every child, as under a terminal or CI.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("DEEPLAB_SHARED", REPO.parent / "shared")).resolve()
