@@ -16,8 +16,9 @@ Usage from Python::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 
 from deeplab_cli.batch.inputs import InputItem, expand_inputs, parse_shard, read_list, select_shard
 from deeplab_cli.batch.marks import MARKER, OUTPUT_SUFFIXES
@@ -32,6 +33,7 @@ __all__ = [
     "OUTPUT_SUFFIXES",
     "SCORE_KINDS",
     "InputItem",
+    "Engine",
     "Job",
     "Record",
     "Refiner",
@@ -50,6 +52,12 @@ __all__ = [
     "select_shard",
     "write_outputs",
 ]
+
+
+class Engine(Protocol):
+    """What runs the planned jobs: :class:`Scheduler` here, ``deeplab_cli.ray.RayPipeline`` on Ray."""
+
+    def run(self, jobs: Iterable[Job]) -> Summary: ...
 
 
 class SkipNotices:
@@ -107,6 +115,8 @@ def segment_files(
     on_notice: Callable[[str], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    *,
+    engine: Callable[..., Engine] = Scheduler,
 ) -> Summary:
     """Segment ``inputs`` (files, folders, globs, ``-``) into ``out`` (None: the one mask to
     ``options.stdout_stream``); what ``deeplab segment`` does.
@@ -115,10 +125,11 @@ def segment_files(
     ``on_record``: each input's record, in input order; ``on_notice``: one-line notices (what was
     skipped while expanding folders and globs, and why); ``on_start(n)``: the number of jobs, before
     the first is read; ``on_progress(1)``: one more input done. Usage errors raise before any image is
-    read; an interrupt propagates after every written output has been reported.
+    read; an interrupt propagates after every written output has been reported. ``engine``: made as
+    ``engine(segmenter, options, crf=, on_record=, on_progress=)``, it runs the jobs (default: this
+    machine's :class:`Scheduler`).
     """
     jobs = plan_jobs(inputs, out, options, on_notice)
     if on_start is not None:
         on_start(len(jobs))
-    scheduler = Scheduler(segmenter, options, crf=crf, on_record=on_record, on_progress=on_progress)
-    return scheduler.run(jobs)
+    return engine(segmenter, options, crf=crf, on_record=on_record, on_progress=on_progress).run(jobs)

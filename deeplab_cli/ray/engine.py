@@ -25,7 +25,7 @@ from deeplab_cli.batch import (
     SegmenterLike,
     SegmentOptions,
     Summary,
-    plan_jobs,
+    segment_files,
 )
 from deeplab_cli.errors import UsageError
 from deeplab_cli.ray import stages
@@ -192,13 +192,10 @@ def segment_files_ray(
     """
     if out is None:
         raise UsageError(STDOUT_REFUSAL)
-    jobs = plan_jobs(inputs, out, options, on_notice)
-    if on_start is not None:
-        on_start(len(jobs))
-    pipeline = RayPipeline(
-        segmenter, options, crf=crf, on_record=on_record, on_progress=on_progress, ray_options=ray_options
+    engine = functools.partial(RayPipeline, ray_options=ray_options)
+    return segment_files(
+        inputs, out, options, segmenter, crf, on_record, on_notice, on_progress, on_start, engine=engine
     )
-    return pipeline.run(jobs)
 
 
 def command_engine(
