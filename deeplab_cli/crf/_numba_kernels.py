@@ -108,22 +108,25 @@ def _hash(keys: np.ndarray, row: int, probe: np.ndarray, use_probe: bool) -> np.
     return h ^ (h >> np.uint64(29))
 
 
+@njit(cache=True, inline="always")
+def _key_is(keys: np.ndarray, row: int, probe: np.ndarray) -> bool:
+    """Whether vertex ``row`` has the key ``probe``."""
+    for i in range(keys.shape[1]):  # noqa: SIM110 - numba compiles the loop, not all() of a generator
+        if keys[row, i] != probe[i]:
+            return False
+    return True
+
+
 @njit(cache=True)
 def _find(table: np.ndarray, keys: np.ndarray, probe: np.ndarray) -> int:
     """Index of the vertex with key ``probe``, or -1 (read-only: safe to call from many threads)."""
     mask = np.uint64(table.size - 1)
-    d = keys.shape[1]
     h = _hash(keys, 0, probe, True) & mask
     while True:
         e = table[h]
         if e < 0:
             return _MISSING
-        same = True
-        for i in range(d):
-            if keys[e, i] != probe[i]:
-                same = False
-                break
-        if same:
+        if _key_is(keys, e, probe):
             return e
         h = (h + np.uint64(1)) & mask
 
@@ -189,12 +192,7 @@ def insert_vertices(rem0: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.
                     e = m
                     m += 1
                     break
-                same = True
-                for i in range(d):
-                    if keys[e, i] != probe[i]:
-                        same = False
-                        break
-                if same:
+                if _key_is(keys, e, probe):
                     break
                 h = (h + np.uint64(1)) & mask
             offsets[p, r] = e
