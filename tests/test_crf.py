@@ -338,6 +338,12 @@ def test_core_split(cores: int, gpu: bool, expected: tuple[int, int]) -> None:
         assert used >= 3 * cores / 4 or workers == MAX_CRF_WORKERS  # the CRF is most of the CPU work
 
 
+def _one_bad_value(value: float) -> np.ndarray:
+    probs = np.full((2, 4, 5), 0.5, np.float32)
+    probs[1, 2, 3] = value
+    return probs
+
+
 @pytest.mark.parametrize(
     ("image", "probs", "message"),
     [
@@ -348,6 +354,11 @@ def test_core_split(cores: int, gpu: bool, expected: tuple[int, int]) -> None:
         (np.zeros((4, 5, 3), np.uint8), np.full((4, 5), 0.5, np.float32), "C x H x W"),
         (np.zeros((4, 5, 3), np.uint8), np.full((2, 4, 5), np.nan, np.float32), "NaN"),
         (np.zeros((4, 5, 3), np.uint8), np.full((2, 4, 5), -0.5, np.float32), ">= 0"),
+        # one bad value among good ones, wherever it is (the check reduces to the minimum and maximum)
+        (np.zeros((4, 5, 3), np.uint8), _one_bad_value(np.nan), "NaN"),
+        (np.zeros((4, 5, 3), np.uint8), _one_bad_value(np.inf), "infinite"),
+        (np.zeros((4, 5, 3), np.uint8), _one_bad_value(-np.inf), "infinite"),
+        (np.zeros((4, 5, 3), np.uint8), _one_bad_value(-1e-30), ">= 0"),
         (np.zeros((4, 5, 3), np.uint8), np.full((2, 4, 5), 1, np.int64), "floating"),
         ([[0]], np.full((2, 4, 5), 0.5, np.float32), "numpy arrays"),
     ],

@@ -201,24 +201,28 @@ def insert_vertices(rem0: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.
 
 @njit(cache=True, parallel=True)
 def blur_neighbours(keys: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """(d+1) x M x 2 int32: previous and next vertex along each lattice axis (-1 where absent)."""
+    """(d+1) x M x 2 int32: previous and next vertex along each lattice axis (-1 where absent).
+
+    Only the next vertices are looked up: ``u`` next of ``v`` means ``v`` previous of ``u`` (the two steps
+    are inverse), so the previous ones are filled in from the same lookup, half the hash probes. Each
+    ``u`` has one previous vertex, so no two threads write the same entry.
+    """
     m, d = keys.shape
     k1 = d + 1
-    out = np.empty((k1, m, 2), np.int32)
+    out = np.full((k1, m, 2), _MISSING, np.int32)
     n_blocks = (m + BLOCK - 1) // BLOCK
     for b in prange(n_blocks):
-        n1 = np.empty(k1, np.int32)
-        n2 = np.empty(k1, np.int32)
+        step = np.empty(k1, np.int32)
         for v in range(b * BLOCK, min(m, (b + 1) * BLOCK)):
             for j in range(k1):
                 for i in range(d):
-                    n1[i] = keys[v, i] - 1
-                    n2[i] = keys[v, i] + 1
+                    step[i] = keys[v, i] + 1
                 if j < d:
-                    n1[j] = keys[v, j] + d
-                    n2[j] = keys[v, j] - d
-                out[j, v, 0] = _find(table, keys, n1)
-                out[j, v, 1] = _find(table, keys, n2)
+                    step[j] = keys[v, j] - d
+                u = _find(table, keys, step)
+                out[j, v, 1] = u
+                if u >= 0:
+                    out[j, u, 0] = v
     return out
 
 
@@ -403,8 +407,10 @@ def mean_field(
     norm2: np.ndarray,
     scalar_path: bool,
     n_classes: int,
+    out: np.ndarray,
 ) -> None:
-    """``iterations`` mean-field updates of ``q`` (N x C, in place) with one or two Gaussian kernels.
+    """``iterations`` (>= 1) mean-field updates of ``q`` (N x C) with one or two Gaussian kernels; the
+    last one's probabilities go to ``out`` (``n_classes`` x N planes, the caller's layout), not ``q``.
 
     Only the first ``n_classes`` columns are labels; the rest (padding to a multiple of 8, so that the
     loops over labels run whole SIMD vectors) hold zeros in ``q`` and ``neg_unary`` and stay zero.
@@ -429,7 +435,9 @@ def mean_field(
     alpha1 = _alpha(offsets1.shape[1])
     alpha2 = _alpha(offsets2.shape[1])
     n_blocks = (n + BLOCK - 1) // BLOCK
-    for _ in range(iterations):
+    for it in range(iterations):
+        last = it == iterations - 1
+        dst = out if last else q
         for k in prange(n_kernels):  # the two kernels' splats side by side
             if k == 0:
                 _scatter(q, offsets1, bary1, norm1, a1)
@@ -452,7 +460,7 @@ def mean_field(
                     q, neg_unary, p0, p1, acc, n_kernels, scalar_path,
                     offsets1, bary1, v1, norm1, w1, alpha1, offsets2, bary2, v2, norm2, w2, alpha2,
                 )  # fmt: skip
-                softmax_tile(q, p0, p1, n_classes, t, top, total, bits)
+                softmax_tile(q, p0, p1, n_classes, t, top, total, bits, dst, last)
 
 
 @njit(cache=True, inline="always")
@@ -519,18 +527,6 @@ def rows_from_planes(planes: np.ndarray, out: np.ndarray, negate: bool) -> None:
                 row[ch] = planes[ch, p] * sign if negate else planes[ch, p]
 
 
-@njit(cache=True, parallel=True)
-def planes_from_rows(rows: np.ndarray, out: np.ndarray) -> None:
-    """``out[ch, p] = rows[p, ch]`` for the first C = out.shape[0] columns (N x C' -> C x N), in tiles."""
-    c, n = out.shape
-    n_blocks = (n + BLOCK - 1) // BLOCK
-    for b in prange(n_blocks):
-        for ch in range(c):
-            dst = out[ch]
-            for p in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
-                dst[p] = rows[p, ch]
-
-
 SUB = 64  # pixels per softmax tile: labels x pixels, so that exp runs across pixels in SIMD lanes
 
 
@@ -544,12 +540,15 @@ def softmax_tile(
     top: np.ndarray,
     total: np.ndarray,
     bits: np.ndarray,
+    out: np.ndarray,
+    as_planes: bool,
 ) -> None:
-    """``x[p, :c] <- exp(x[p] - max) / sum`` for the rows ``p0 <= p < p1`` (densecrf's expAndNormalize).
+    """``out[p, :c] <- exp(x[p] - max) / sum`` for the rows ``p0 <= p < p1`` (densecrf's expAndNormalize).
 
-    The rows are transposed into the scratch tile ``t`` (c x SUB) so that every step is a loop over
-    pixels (vectorised); each pixel still sums its labels in order. ``top``, ``total``: SUB float32;
-    ``bits``: SUB int32 of scratch (the 2**n factors, read through a float32 view).
+    ``out`` is rows like ``x`` (``x`` itself for in place), or C x N planes when ``as_planes``. The rows
+    are transposed into the scratch tile ``t`` (c x SUB) so that every step is a loop over pixels
+    (vectorised); each pixel still sums its labels in order. ``top``, ``total``: SUB float32; ``bits``:
+    SUB int32 of scratch (the 2**n factors, read through a float32 view).
     """
     k = p1 - p0
     scale = bits.view(np.float32)
@@ -582,15 +581,23 @@ def softmax_tile(
         tc = t[ch]
         for i in range(k):
             tc[i] = tc[i] / total[i]
+    if as_planes:  # the caller's C x N layout: contiguous copies, no transposition back
+        for ch in range(c):
+            dst = out[ch]
+            tc = t[ch]
+            for i in range(k):
+                dst[p0 + i] = tc[i]
+        return
     for i in range(k):
-        row = x[p0 + i]
+        row = out[p0 + i]
         for ch in range(c):
             row[ch] = t[ch, i]
 
 
 @njit(cache=True, parallel=True)
-def softmax_rows(x: np.ndarray, c: int) -> None:
-    """Softmax of the first ``c`` columns of every row of ``x``, in place."""
+def softmax_rows(x: np.ndarray, c: int, out: np.ndarray, as_planes: bool) -> None:
+    """Softmax of the first ``c`` columns of every row of ``x`` into ``out`` (``x`` itself: in place; C x N
+    planes when ``as_planes``)."""
     n = x.shape[0]
     n_blocks = (n + BLOCK - 1) // BLOCK
     for b in prange(n_blocks):
@@ -599,4 +606,4 @@ def softmax_rows(x: np.ndarray, c: int) -> None:
         total = np.empty(SUB, np.float32)
         bits = np.empty(SUB, np.int32)
         for p0 in range(b * BLOCK, min(n, (b + 1) * BLOCK), SUB):
-            softmax_tile(x, p0, min(n, p0 + SUB, (b + 1) * BLOCK), c, t, top, total, bits)
+            softmax_tile(x, p0, min(n, p0 + SUB, (b + 1) * BLOCK), c, t, top, total, bits, out, as_planes)

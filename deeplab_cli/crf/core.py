@@ -42,9 +42,10 @@ def check_inputs(image: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.n
     if probs.shape[0] < 1 or image.shape[0] < 1 or image.shape[1] < 1:
         raise CRFInputError(f"CRF inputs must not be empty, got probabilities of shape {probs.shape}")
     probs = np.ascontiguousarray(probs, dtype=np.float32)
-    if not np.isfinite(probs).all():
+    low, high = probs.min(), probs.max()  # two passes, no temporaries; NaN propagates into both
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise CRFInputError("CRF probabilities contain NaN or infinite values")
-    if (probs < 0).any():
+    if low < 0:
         raise CRFInputError("CRF probabilities must be >= 0")
     image = np.ascontiguousarray(image)
     # Read-only inputs (e.g. np.asarray of a PIL image) are copied: pydensecrf and torch need writable.

@@ -197,19 +197,20 @@ def refine_numba(
     c, h, w = probs.shape
     if c == 1:
         return np.ones_like(probs)
+    out = np.empty((c, h * w), np.float32)
     with _LOCK, _num_threads(threads):
         neg = unary_rows(probs, params.unary_scale, pad_to=LABEL_PAD)
-        q = neg.copy()
-        nk.softmax_rows(q, c)
         lattices, weights = lattices_for(image, params) if params.iterations > 0 else ([], [])
-        if lattices:
-            first, second = lattices[0], lattices[-1]
-            nk.mean_field(
-                neg, q, params.iterations, len(lattices), np.array(weights, np.float32),
-                first.offsets, first.bary, first.nbr, first.norm,
-                second.offsets, second.bary, second.nbr, second.norm,
-                c <= 2, c,
-            )  # fmt: skip
-        out = np.empty((c, h * w), np.float32)
-        nk.planes_from_rows(q, out)
+        if not lattices:  # no iterations (or no kernel weight): the softmax of the unary
+            nk.softmax_rows(neg, c, out, True)
+            return out.reshape(c, h, w)
+        q = np.zeros_like(neg)  # the padding columns stay zero
+        nk.softmax_rows(neg, c, q, False)
+        first, second = lattices[0], lattices[-1]
+        nk.mean_field(
+            neg, q, params.iterations, len(lattices), np.array(weights, np.float32),
+            first.offsets, first.bary, first.nbr, first.norm,
+            second.offsets, second.bary, second.nbr, second.norm,
+            c <= 2, c, out,
+        )  # fmt: skip
     return out.reshape(c, h, w)
