@@ -247,6 +247,24 @@ def test_sigint_stops_and_leaves_no_ray_process(photos: Path, tmp_path: Path) ->
     assert not [p for p in out.rglob("*") if p.name.endswith(TMP_SUFFIX)]  # nothing half-written
 
 
+def test_unreachable_address_one_line_and_exit_2(photos: Path, tmp_path: Path) -> None:
+    """Nobody listens at the address: one line within seconds, not Ray's minutes of retries."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    start = time.monotonic()
+    args = ["segment", photos, "-o", tmp_path / "out", "--engine", "ray", "--ray-address", address]
+    result = subprocess.run(command(args), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"deeplab: error: cannot reach the Ray cluster at {address}: Connection refused"
+    ]
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "out").exists()
+
+
 def test_without_ray_one_line_and_exit_2(photos: Path, tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['ray'] = None; sys.argv = ['deeplab'] + sys.argv[1:]; "

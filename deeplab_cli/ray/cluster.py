@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -17,6 +18,7 @@ from deeplab_cli.errors import UsageError
 INSTALL_HINT = 'pip install "deeplab-cli[ray]"'
 # The local object store: Ray's default (30% of RAM) is more than a batch of masks needs on a shared machine.
 LOCAL_OBJECT_STORE_BYTES = 2 * 2**30
+PROBE_SECONDS = 10  # to open a TCP connection to a cluster's address before handing it to Ray
 
 
 class RayMissingError(UsageError):
@@ -45,6 +47,24 @@ def quiet_ray_data() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def check_reachable(address: str) -> None:
+    """A usage error unless ``host:port`` (or ``ray://host:port``) accepts a TCP connection.
+
+    Ray itself retries an address nobody listens on for minutes, printing a warning every few seconds;
+    a wrong or stopped cluster should cost one line and exit 2 instead. ``auto`` is left to Ray (it
+    says at once when no cluster runs here), as is anything that is not ``host:port``.
+    """
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=PROBE_SECONDS):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UsageError(f"cannot reach the Ray cluster at {address}: {reason}") from None
+
+
 @contextlib.contextmanager
 def connected(address: str | None = None, num_cpus: int | None = None) -> Iterator[ModuleType]:
     """Use the Ray cluster at ``address`` (``auto``: the one ``ray start`` runs here), or start a local one.
@@ -59,6 +79,8 @@ def connected(address: str | None = None, num_cpus: int | None = None) -> Iterat
         yield ray
         return
     common = {"logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True}
+    if address:
+        check_reachable(address)
     try:
         if address:
             ray.init(address=address, **common)

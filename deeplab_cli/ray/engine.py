@@ -1,8 +1,9 @@
 """``deeplab segment --engine ray``: the local engine's jobs, outputs and records, run on Ray Data.
 
 Early records (inputs that do not exist, outputs already there with ``--skip-existing``) are decided
-on the driver, as locally; the rest flow decode -> infer -> finish through Ray Data, which preserves
-their order, and are merged back so ``on_record`` sees every input once, in input order.
+on the driver, as locally; the rest flow decode -> infer -> finish through Ray Data (in one actor per
+core on CPUs, in stages around GPU actors), which preserves their order, and are merged back so
+``on_record`` sees every input once, in input order.
 """
 
 from __future__ import annotations
@@ -29,12 +30,11 @@ from deeplab_cli.batch import (
 )
 from deeplab_cli.errors import UsageError
 from deeplab_cli.ray import stages
-from deeplab_cli.ray.cluster import connected, require_ray
+from deeplab_cli.ray.cluster import check_reachable, connected, require_ray
 
 # Inputs per block of the source dataset: small blocks keep every stage streaming a few images at a time.
 IMAGES_PER_BLOCK = 4
 MAX_BLOCKS = 4096
-INFER_SHARE = 0.75  # of its cores an inference actor reserves (see pool_sizes)
 DECODE_CPUS = 0.25  # per decoding task: reading a JPEG is light next to inference and the CRF
 CRFChoiceLike = TypeVar("CRFChoiceLike")  # commands.options.CRFChoice (commands sit above us)
 STDOUT_REFUSAL = "--engine ray writes to an output folder: -o - is for the local engine"
@@ -108,68 +108,81 @@ def build_dataset(
     crf: Refiner | None,
     ray_options: RayOptions,
 ) -> Any:
-    """The lazy Ray dataset: decode (CPU tasks) -> infer (actor pool) -> finish and write (CPU actors)."""
+    """The lazy Ray dataset of the jobs' records.
+
+    On CPUs, one actor per ``cpus_per_worker`` cores runs decode -> infer -> finish and write for its
+    images (every stage would compete for the same cores anyway; separate stages only add trips through
+    the object store). With GPUs: decode (CPU tasks) -> infer (GPU actors) -> finish and write (CPU
+    actors), so the GPU actors never wait on the CRF.
+    """
     model = stages.ModelShipment.from_segmenter(segmenter)
     options = dataclasses.replace(options, stdin=None, stdout_stream=None)  # streams stay on the driver
     rows = [stages.pack(position, job=job) for position, job in enumerate(jobs)]
     blocks = min(MAX_BLOCKS, math.ceil(len(rows) / IMAGES_PER_BLOCK))
-    infer_actors, infer_cpus, finish_actors, finish_cpus = pool_sizes(ray, ray_options, crf is not None)
-    infer_actors, finish_actors = min(infer_actors, blocks), min(finish_actors, blocks)  # no idle actors
-    gpu = ray_options.gpus_per_worker > 0
     dataset = ray.data.from_items(rows, override_num_blocks=blocks)
-    # With CPU inference, decoding asks for the inference actors' resources, so Ray Data fuses it into
-    # them (one trip less through the object store per image); beside GPU actors it stays in CPU tasks.
-    dataset = dataset.map(stages.decode_row, num_cpus=DECODE_CPUS if gpu else infer_cpus)
+    finish_kwargs = {
+        "model": model,
+        "options": options,
+        "crf": getattr(crf, "params", None),
+        "crf_backend": getattr(crf, "backend", "auto"),
+    }
+    threads = max(1, int(ray_options.cpus_per_worker))
+    if ray_options.gpus_per_worker <= 0:
+        actors, cpus = cpu_actors(ray, ray_options)
+        return dataset.map_batches(
+            stages.Segment,
+            fn_constructor_kwargs={**finish_kwargs, "threads": threads},
+            batch_size=1,
+            concurrency=min(actors, blocks),  # no idle actors
+            num_cpus=cpus,
+            batch_format="numpy",
+            zero_copy_batch=True,
+        )
+    infer_actors, finish_actors, finish_cpus = gpu_pools(ray, ray_options, crf is not None)
+    dataset = dataset.map(stages.decode_row, num_cpus=DECODE_CPUS)
     dataset = dataset.map_batches(
         stages.Infer,
-        fn_constructor_kwargs={
-            "model": model,
-            "device": "cuda" if gpu else "cpu",
-            "threads": max(1, int(ray_options.cpus_per_worker)),
-        },
+        fn_constructor_kwargs={"model": model, "device": "cuda", "threads": threads},
         batch_size=max(segmenter.batch_size, 1),
-        concurrency=infer_actors,
-        num_cpus=infer_cpus,
-        num_gpus=ray_options.gpus_per_worker if gpu else None,
+        concurrency=min(infer_actors, blocks),
+        num_cpus=0,
+        num_gpus=ray_options.gpus_per_worker,
         batch_format="numpy",
         zero_copy_batch=True,
     )
     return dataset.map_batches(
         stages.Finish,
-        fn_constructor_kwargs={
-            "model": model,
-            "options": options,
-            "crf": getattr(crf, "params", None),
-            "crf_backend": getattr(crf, "backend", "auto"),
-        },
+        fn_constructor_kwargs=finish_kwargs,
         batch_size=1,
-        concurrency=finish_actors,
+        concurrency=min(finish_actors, blocks),
         num_cpus=finish_cpus,
         batch_format="numpy",
         zero_copy_batch=True,
     )
 
 
-def pool_sizes(ray: Any, ray_options: RayOptions, crf: bool) -> tuple[int, float, int, float]:
-    """(inference actors, CPUs per inference actor, finish actors, CPUs per finish actor).
+def cpu_actors(ray: Any, ray_options: RayOptions) -> tuple[int, float]:
+    """(actors, CPUs each) with CPU inference: one per ``cpus_per_worker`` cores of the cluster, each
+    running that many ONNX Runtime threads and, inline, one CRF thread (as the local engine runs one
+    single-threaded session per core)."""
+    cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
+    per_worker = ray_options.cpus_per_worker
+    return ray_options.concurrency or max(1, int(cpus / per_worker)), per_worker
 
-    On CPUs, one inference actor per ``cpus_per_worker`` cores, each running that many ONNX Runtime
-    threads (as the local engine runs one single-threaded session per core) but reserving 3/4 of it, so
-    that actors, which hold their CPUs for the whole run, leave room to the decoding tasks and the
-    finish actors (a whole core each with the CRF, it costs more than the network; half one without).
+
+def gpu_pools(ray: Any, ray_options: RayOptions, crf: bool) -> tuple[int, int, float]:
+    """(GPU inference actors, finish actors, CPUs per finish actor) with GPU inference.
+
+    One inference actor per ``gpus_per_worker`` share of the cluster's GPUs (they reserve no CPU); the
+    CPUs left after the decoding tasks go to the finish actors: a whole core each with the CRF, which
+    costs more than the network, half one without.
     """
     resources = ray.cluster_resources()
     cpus = max(1.0, float(resources.get("CPU", 1)))
-    per_worker = ray_options.cpus_per_worker
-    if ray_options.gpus_per_worker > 0:
-        infer_cpus = 0.0
-        infer = ray_options.concurrency or max(1, int(resources.get("GPU", 0) / ray_options.gpus_per_worker))
-    else:
-        infer_cpus = per_worker * INFER_SHARE
-        infer = ray_options.concurrency or max(1, int(cpus / per_worker))
-    free = max(cpus - infer * infer_cpus - DECODE_CPUS, DECODE_CPUS)
+    infer = ray_options.concurrency or max(1, int(resources.get("GPU", 0) / ray_options.gpus_per_worker))
+    free = max(cpus - DECODE_CPUS, DECODE_CPUS)
     finish = max(1, int(free / (1.0 if crf else 0.5)))
-    return infer, infer_cpus, finish, free / finish
+    return infer, finish, free / finish
 
 
 def segment_files_ray(
@@ -208,12 +221,15 @@ def command_engine(
 ) -> tuple[Callable[..., Summary], str, int, CRFChoiceLike]:
     """What ``deeplab segment --engine ray`` swaps in: (segment_files, driver device, driver sessions, crf).
 
-    Checked before anything is converted or read: Ray installed (exit 2 with the pip command), an
-    output folder. The driver only plans and merges records, so its model and CRF stay on one CPU.
+    Checked before anything is converted, read or written: Ray installed (exit 2 with the pip command),
+    an output folder, a cluster listening at ``address``. The driver only plans and merges records, so
+    its model and CRF stay on one CPU.
     """
     require_ray()
     if output == "-":
         raise UsageError(STDOUT_REFUSAL)
+    if address:
+        check_reachable(address)  # before OUT is made: a wrong address leaves nothing behind
     if device.strip().lower().startswith("cuda") and not gpus_per_worker:
         raise UsageError("with --engine ray, ask for GPUs with --gpus-per-worker F (each actor gets its own)")
     ray_options = RayOptions(address, concurrency=concurrency, gpus_per_worker=gpus_per_worker)

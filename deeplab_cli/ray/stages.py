@@ -1,4 +1,5 @@
-"""The Ray Data stages: decode (CPU tasks), inference (an actor pool), finish = upsample + CRF + write.
+"""The Ray Data stages: decode (CPU tasks), inference (an actor pool), finish = upsample + CRF + write;
+with CPU inference, all three in one actor (:class:`Segment`).
 
 Rows carry one pickled payload (``blob``) next to their input position (``index``): the job, then the
 decoded image, the prepared input and its logits, and at the end the :class:`Record`. A row that failed
@@ -27,7 +28,7 @@ from deeplab_cli.batch.scheduler import Decoded
 from deeplab_cli.crf import CRFParams
 from deeplab_cli.errors import DeeplabError
 from deeplab_cli.files import read_image
-from deeplab_cli.runtime import Prepared
+from deeplab_cli.runtime import Prepared, Segmenter
 from deeplab_cli.zoo import ModelSpec
 
 
@@ -51,10 +52,8 @@ class ModelShipment:
         settings = (segmenter.max_size, segmenter.batch_size, segmenter.protocol)
         return cls(segmenter.spec, digest, [ray.put(data)], *settings)
 
-    def load(self, device: str, threads: int | None) -> Any:
+    def load(self, device: str, threads: int | None) -> Segmenter:
         """A Segmenter on this node, from a node-local copy of the model written once per digest."""
-        from deeplab_cli.runtime import Segmenter
-
         path = self._local_path()
         segmenter = Segmenter(
             path, device=device, batch_size=self.batch_size, max_size=self.max_size, threads=threads
@@ -101,19 +100,31 @@ def as_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return {"index": np.array([row["index"] for row in rows], dtype=np.int64), "blob": blobs}
 
 
+def records_batch(rows: list[dict[str, Any]], records: list[Record]) -> dict[str, np.ndarray]:
+    """The last stage's output: each row's record, under its input position."""
+    return as_batch([pack(row["index"], record=record) for row, record in zip(rows, records, strict=True)])
+
+
 # ------------------------------------------------------------------------------------------- stage 1: decode
 
 
 def decode_row(row: dict[str, Any]) -> dict[str, Any]:
     """Read and decode one input file (a CPU task)."""
-    job = unpack(row)["job"]
-    path = job.item.path
+    payload = unpack(row)
+    decode(payload)
+    return pack(row["index"], **payload)
+
+
+def decode(payload: dict[str, Any]) -> None:
+    """Add the decoded image (``rgb``) to a job's payload, or its failure ``record``."""
+    path = payload["job"].item.path
     start = time.perf_counter()
     try:
-        rgb = read_image(path)
+        payload["rgb"] = read_image(path)
     except Exception as exc:  # one unreadable input must not stop the dataset
-        return pack(row["index"], job=job, record=failure(path, exc))
-    return pack(row["index"], job=job, rgb=rgb, decode=time.perf_counter() - start)
+        payload["record"] = failure(path, exc)
+        return
+    payload["decode"] = time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------------------------- stage 2: infer
@@ -128,6 +139,11 @@ class Infer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = rows_of(batch)
         payloads = [unpack(row) for row in rows]
+        self.infer(payloads)
+        return as_batch([pack(row["index"], **payload) for row, payload in zip(rows, payloads, strict=True)])
+
+    def infer(self, payloads: list[dict[str, Any]]) -> None:
+        """Add ``prepared`` and ``logits`` to each decoded payload (or its failure ``record``)."""
         groups: dict[tuple[int, int], list[int]] = {}
         for position, payload in enumerate(payloads):
             if "record" not in payload:
@@ -138,7 +154,6 @@ class Infer:
             size = self.segmenter.batch_size
             for first in range(0, len(positions), size):
                 self._infer([payloads[p] for p in positions[first : first + size]])
-        return as_batch([pack(row["index"], **payload) for row, payload in zip(rows, payloads, strict=True)])
 
     def _prepare(self, payload: dict[str, Any]) -> None:
         rgb, path = payload.pop("rgb"), payload["job"].item.path
@@ -183,9 +198,15 @@ class Finish:
     """CPU actor: upsample, CRF (inline, one thread), write the outputs; one record per row."""
 
     def __init__(
-        self, model: ModelShipment, options: SegmentOptions, crf: CRFParams | None, crf_backend: str
+        self,
+        model: ModelShipment,
+        options: SegmentOptions,
+        crf: CRFParams | None,
+        crf_backend: str,
+        segmenter: Segmenter | None = None,
     ) -> None:
-        segmenter = model.load("cpu", threads=1)  # finish() needs the model's geometry, not its session
+        # finish() needs the model's geometry, not its session: an actor of its own loads a one-thread one
+        segmenter = segmenter or model.load("cpu", threads=1)
         runner = None
         if crf is not None:
             from deeplab_cli.crf.runner import CRFRunner
@@ -195,13 +216,51 @@ class Finish:
         self.scheduler = Scheduler(segmenter, options, crf=runner)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = []
-        for row in rows_of(batch):
-            payload = unpack(row)
+        rows = rows_of(batch)
+        records = self.finish([unpack(row) for row in rows])
+        return records_batch(rows, records)
+
+    def finish(self, payloads: list[dict[str, Any]]) -> list[Record]:
+        """Each payload's record: the failure it carries, or the outputs written from its logits."""
+        records = []
+        for payload in payloads:
             record = payload.get("record")
             if record is None:
                 prepared = payload["prepared"]
                 decoded = Decoded(payload["job"], prepared, prepared.source)
                 record = self.scheduler.finish(decoded, payload["logits"])
-            out.append(pack(row["index"], record=record))
-        return as_batch(out)
+            records.append(record)
+        return records
+
+
+# ------------------------------------------------------------------------------------ all three in one actor
+
+
+class Segment:
+    """CPU actor: decode, infer, finish and write each image in one process (CPU inference).
+
+    On CPUs every stage competes for the same cores, so separate stages would only add two trips
+    through the object store per image (the decoded image, then the logits: a few MB each); one actor
+    per core running the local engine's chain end to end keeps the cores on the work. Only the job goes
+    in and the record comes out.
+    """
+
+    def __init__(
+        self,
+        model: ModelShipment,
+        options: SegmentOptions,
+        crf: CRFParams | None,
+        crf_backend: str,
+        threads: int | None,
+    ) -> None:
+        self.inference = Infer(model, "cpu", threads)
+        self.finishing = Finish(model, options, crf, crf_backend, segmenter=self.inference.segmenter)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = rows_of(batch)
+        payloads = [unpack(row) for row in rows]
+        for payload in payloads:
+            decode(payload)
+        self.inference.infer(payloads)
+        records = self.finishing.finish(payloads)
+        return records_batch(rows, records)
