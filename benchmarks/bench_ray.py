@@ -8,6 +8,7 @@ Each round runs the real command twice as subprocesses, local engine then Ray en
 started and stopped by the command), on the first ``--limit`` VOC photos, and times the whole process
 (wall, start-up included). Prints per engine the median wall time and images/s, the overhead ratio
 (ray wall / local wall, goal <= 1.25), the start-up cost (the same on a single image: ray - local),
+the time past start-up (each engine's many-image run minus its one-image run, and their ratio),
 and the driver's peak memory (VmHWM of the command process, sampled from /proc; Ray's own daemons and
 workers are separate processes and not counted). With ``--warm`` the benchmark starts one local Ray
 itself and the Ray runs join it (``--ray-address``), as on a cluster that is already up: the ratio
@@ -138,6 +139,14 @@ def main() -> None:
     extra_start = statistics.median(startup["ray"]) - statistics.median(startup["local"])
     what = "joining, actors" if options.warm else "local Ray start, actors"
     print(f"start-up     : +{extra_start:.1f} s for the Ray engine on one image ({what})")
+    marginal = {
+        engine: statistics.median(w - one for w, one in zip(walls[engine], startup[engine], strict=True))
+        for engine in walls
+    }
+    print(
+        f"past start-up: local {marginal['local']:.1f} s, ray {marginal['ray']:.1f} s for the other "
+        f"{count - 1} images, {marginal['ray'] / marginal['local']:.2f}x (many-image run minus one-image run)"
+    )
     print(
         f"driver peak  : local {statistics.median(peaks['local']) / 1024:.0f} MiB, "
         f"ray {statistics.median(peaks['ray']) / 1024:.0f} MiB (VmHWM of the command process)"

@@ -73,7 +73,7 @@ def _ray_segment(args: list) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="class")
 def single_node() -> object:
-    ray.init(num_cpus=2, object_store_memory=OBJECT_STORE, **RAY_QUIET)
+    ray.init(address="local", num_cpus=2, object_store_memory=OBJECT_STORE, **RAY_QUIET)
     yield ray
     ray.shutdown()
 
@@ -247,13 +247,53 @@ def test_sigint_stops_and_leaves_no_ray_process(photos: Path, tmp_path: Path) ->
     assert not [p for p in out.rglob("*") if p.name.endswith(TMP_SUFFIX)]  # nothing half-written
 
 
-def test_unreachable_address_one_line_and_exit_2(photos: Path, tmp_path: Path) -> None:
-    """Nobody listens at the address: one line within seconds, not Ray's minutes of retries."""
+def _free_port() -> int:
     import socket
 
     with socket.socket() as probe:  # a port that was free a moment ago
         probe.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{probe.getsockname()[1]}"
+        return probe.getsockname()[1]
+
+
+@pytest.mark.xdist_group("ray-single-node")  # not beside a fixture that starts a Ray without an address
+def test_runs_beside_a_ray_started_here(photos: Path, local_masks: Path, tmp_path: Path) -> None:
+    """``ray start`` already runs a Ray on this machine: without --ray-address the command still starts
+    (and stops) a Ray of its own (Ray would otherwise join that one and refuse our CPU count), and the
+    user's Ray keeps running."""
+    import socket
+
+    port = _free_port()
+    ray_cli = Path(sys.executable).with_name("ray")
+    start = [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=1"]
+    start.append("--include-dashboard=false")
+    head = subprocess.Popen(
+        start,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        out = tmp_path / "out"
+        code, _, stderr = _ray_segment([photos, "-o", out, "-q"])
+        assert code == 1, stderr  # the truncated file, as locally
+        assert _masks(out) == _masks(local_masks)
+        assert head.poll() is None, "the user's Ray was stopped"
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        head.terminate()  # --block: the ray start process stops the Ray it started
+        head.wait(timeout=60)
+
+
+def test_unreachable_address_one_line_and_exit_2(photos: Path, tmp_path: Path) -> None:
+    """Nobody listens at the address: one line within seconds, not Ray's minutes of retries."""
+    address = f"127.0.0.1:{_free_port()}"
     start = time.monotonic()
     args = ["segment", photos, "-o", tmp_path / "out", "--engine", "ray", "--ray-address", address]
     result = subprocess.run(command(args), capture_output=True, text=True, timeout=120)

@@ -86,6 +86,7 @@ def connected(address: str | None = None, num_cpus: int | None = None) -> Iterat
             ray.init(address=address, **common)
         else:
             ray.init(
+                address="local",  # a new Ray of our own, even where `ray start` runs one here
                 num_cpus=num_cpus or os.cpu_count() or 1,
                 include_dashboard=False,
                 object_store_memory=LOCAL_OBJECT_STORE_BYTES,
