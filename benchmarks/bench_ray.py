@@ -78,7 +78,7 @@ def start_ray() -> str:
     import ray
 
     quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
-    ray.init(object_store_memory=2 * 2**30, **quiet)
+    ray.init(address="local", object_store_memory=2 * 2**30, **quiet)  # our own, even beside `ray start`
     return ray.get_runtime_context().gcs_address
 
 

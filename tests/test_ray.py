@@ -289,6 +289,17 @@ def test_runs_beside_a_ray_started_here(photos: Path, local_masks: Path, tmp_pat
     finally:
         head.terminate()  # --block: the ray start process stops the Ray it started
         head.wait(timeout=60)
+        _forget_cluster(port)
+
+
+def _forget_cluster(port: int) -> None:
+    """Remove Ray's note of the cluster on ``port`` (``ray stop`` would, but it stops every Ray here):
+    left behind, a bare ``ray.init()`` elsewhere would try to join the stopped cluster."""
+    from ray._private.utils import get_ray_address_file
+
+    note = Path(get_ray_address_file(None))
+    if note.is_file() and note.read_text().strip().endswith(f":{port}"):
+        note.unlink()
 
 
 def test_unreachable_address_one_line_and_exit_2(photos: Path, tmp_path: Path) -> None:
