@@ -115,6 +115,29 @@ class TestSingleNode:
         ]
         assert [{k: v for k, v in r.items() if v} for r in expected] == records
 
+    def test_separate_stages_write_the_local_masks(
+        self, photos: Path, local_masks: Path, tmp_path: Path
+    ) -> None:
+        """The GPU plan (decode tasks -> inference actors -> finish actors), run with CPU inference."""
+        from deeplab_cli.batch import SegmentOptions
+        from deeplab_cli.ray import RayOptions, segment_files_ray
+        from deeplab_cli.ray.engine import build_dataset
+        from deeplab_cli.runtime import Segmenter
+
+        records = []
+        out = tmp_path / "out"
+        staged = RayOptions(separate_stages=True)
+        segmenter = Segmenter(DM05)
+        segment_files_ray(
+            [str(photos)], out, SegmentOptions(), segmenter, on_record=records.append, ray_options=staged
+        )
+        assert sorted(Path(r.input).name for r in records if r.status == "failed") == ["broken.jpg"]
+        assert _masks(out) == _masks(local_masks)
+        plan = repr(build_dataset(ray, ["job"], segmenter, SegmentOptions(), None, staged))
+        assert all(stage in plan for stage in ("decode_row", "Infer", "Finish")), plan
+        fused = repr(build_dataset(ray, ["job"], segmenter, SegmentOptions(), None, RayOptions()))
+        assert "Segment" in fused and "Infer" not in fused, fused
+
     def test_resume_after_interrupt_rewrites_nothing(
         self, photos: Path, local_masks: Path, tmp_path: Path
     ) -> None:

@@ -50,7 +50,7 @@ def segment_dataset(
     CPUs would let the two actor pools hold every CPU of a 2-CPU node while the dataset's own read tasks
     (e.g. ``ray.data.read_images``) wait for one, and the pipeline would never start.
     """
-    require_ray()
+    ray = require_ray()
     quiet_ray_data()
     from deeplab_cli.runtime import Segmenter
 
@@ -67,7 +67,7 @@ def segment_dataset(
             "image_column": image_column,
         },
         batch_size=batch_size,
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=0 if gpu else cpus_per_worker,
         num_gpus=gpus_per_worker if gpu else None,
         batch_format="numpy",
@@ -81,7 +81,7 @@ def segment_dataset(
             "scores": scores,
         },
         batch_size=1,
-        concurrency=finish_concurrency,
+        compute=ray.data.ActorPoolStrategy(size=finish_concurrency),
         num_cpus=FINISH_CPUS,
         batch_format="numpy",
     ).drop_columns([HIDDEN])

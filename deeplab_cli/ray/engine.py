@@ -49,6 +49,7 @@ class RayOptions:
     gpus_per_worker: float = 0.0  # > 0: inference actors on GPUs; the CRF and writing stay on CPUs
     cpus_per_worker: float = 1.0  # CPUs (and ONNX Runtime threads) per CPU inference actor
     num_cpus: int | None = None  # CPUs of a local Ray (default: this machine's)
+    separate_stages: bool = False  # CPU inference in the GPU plan's stages (the tests' way to run that plan)
 
 
 class RayPipeline:
@@ -127,26 +128,27 @@ def build_dataset(
         "crf_backend": getattr(crf, "backend", "auto"),
     }
     threads = max(1, int(ray_options.cpus_per_worker))
-    if ray_options.gpus_per_worker <= 0:
+    gpu = ray_options.gpus_per_worker > 0
+    if not gpu and not ray_options.separate_stages:
         actors, cpus = cpu_actors(ray, ray_options)
         return dataset.map_batches(
             stages.Segment,
             fn_constructor_kwargs={**finish_kwargs, "threads": threads},
             batch_size=1,
-            concurrency=min(actors, blocks),  # no idle actors
+            compute=ray.data.ActorPoolStrategy(size=min(actors, blocks)),  # no idle actors
             num_cpus=cpus,
             batch_format="numpy",
             zero_copy_batch=True,
         )
-    infer_actors, finish_actors, finish_cpus = gpu_pools(ray, ray_options, crf is not None)
+    infer_actors, infer_cpus, finish_actors, finish_cpus = stage_pools(ray, ray_options, crf is not None)
     dataset = dataset.map(stages.decode_row, num_cpus=DECODE_CPUS)
     dataset = dataset.map_batches(
         stages.Infer,
-        fn_constructor_kwargs={"model": model, "device": "cuda", "threads": threads},
+        fn_constructor_kwargs={"model": model, "device": "cuda" if gpu else "cpu", "threads": threads},
         batch_size=max(segmenter.batch_size, 1),
-        concurrency=min(infer_actors, blocks),
-        num_cpus=0,
-        num_gpus=ray_options.gpus_per_worker,
+        compute=ray.data.ActorPoolStrategy(size=min(infer_actors, blocks)),
+        num_cpus=infer_cpus,
+        num_gpus=ray_options.gpus_per_worker if gpu else None,
         batch_format="numpy",
         zero_copy_batch=True,
     )
@@ -154,7 +156,7 @@ def build_dataset(
         stages.Finish,
         fn_constructor_kwargs=finish_kwargs,
         batch_size=1,
-        concurrency=min(finish_actors, blocks),
+        compute=ray.data.ActorPoolStrategy(size=min(finish_actors, blocks)),
         num_cpus=finish_cpus,
         batch_format="numpy",
         zero_copy_batch=True,
@@ -170,19 +172,24 @@ def cpu_actors(ray: Any, ray_options: RayOptions) -> tuple[int, float]:
     return ray_options.concurrency or max(1, int(cpus / per_worker)), per_worker
 
 
-def gpu_pools(ray: Any, ray_options: RayOptions, crf: bool) -> tuple[int, int, float]:
-    """(GPU inference actors, finish actors, CPUs per finish actor) with GPU inference.
+def stage_pools(ray: Any, ray_options: RayOptions, crf: bool) -> tuple[int, float, int, float]:
+    """(inference actors, CPUs each, finish actors, CPUs each) for the plan in separate stages.
 
-    One inference actor per ``gpus_per_worker`` share of the cluster's GPUs (they reserve no CPU); the
-    CPUs left after the decoding tasks go to the finish actors: a whole core each with the CRF, which
+    GPU inference: one actor per ``gpus_per_worker`` share of the cluster's GPUs, reserving no CPU. CPU
+    inference (``separate_stages``): ``concurrency`` actors (default 1) of half a CPU. The CPUs left
+    after them and the decoding tasks go to the finish actors: a whole core each with the CRF, which
     costs more than the network, half one without.
     """
     resources = ray.cluster_resources()
     cpus = max(1.0, float(resources.get("CPU", 1)))
-    infer = ray_options.concurrency or max(1, int(resources.get("GPU", 0) / ray_options.gpus_per_worker))
-    free = max(cpus - DECODE_CPUS, DECODE_CPUS)
+    if ray_options.gpus_per_worker > 0:
+        gpus = resources.get("GPU", 0)
+        infer, infer_cpus = ray_options.concurrency or max(1, int(gpus / ray_options.gpus_per_worker)), 0.0
+    else:
+        infer, infer_cpus = ray_options.concurrency or 1, 0.5
+    free = max(cpus - infer * infer_cpus - DECODE_CPUS, DECODE_CPUS)
     finish = max(1, int(free / (1.0 if crf else 0.5)))
-    return infer, finish, free / finish
+    return infer, infer_cpus, finish, free / finish
 
 
 def segment_files_ray(
