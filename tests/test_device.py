@@ -84,3 +84,36 @@ def test_paths_follow_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path)
     assert paths.offline()
     monkeypatch.setenv("DEEPLAB_MAX_PIXELS", "1000")
     assert paths.max_pixels() == 1000
+
+
+def test_torch_device_name_agrees_with_torch() -> None:
+    """The name is what ``torch_device`` says, whether or not it had to import torch to know."""
+    for text in ("auto", "cpu"):
+        device = parse_device(text)
+        assert device.torch_device_name() == str(device.torch_device())
+
+
+def test_one_image_crf_run_on_a_cpu_machine_does_not_import_torch(tmp_path) -> None:
+    """``segment --crf`` with the default device and backend: numba on the CPU, and no second of
+    ``import torch`` just to learn that there is no GPU."""
+    import subprocess
+    import sys
+
+    from conftest import VOC2012, voc_sample_ids
+    from segment_helpers import DM05
+
+    from deeplab_cli.device import gpu_device_present
+
+    if gpu_device_present():
+        pytest.skip("a GPU device node exists: auto asks torch")
+    image = VOC2012 / "JPEGImages" / f"{voc_sample_ids(1)[0]}.jpg"
+    code = (
+        "import sys\nfrom deeplab_cli.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    args = ["segment", str(image), "-o", str(tmp_path / "out"), "--crf", "-m", DM05, "-q"]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "no torch"
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1

@@ -410,7 +410,7 @@ class CRFRunner:
         self.params = params
         self.device = parse_device(device)
         explicit_cpu = (backend or "").strip().lower() in CPU_ONLY
-        self.torch_device = "cpu" if explicit_cpu else _torch_device_name(self.device)
+        self.torch_device = "cpu" if explicit_cpu else self.device.torch_device_name()
         on_cuda = self.torch_device.startswith("cuda")
         self.backend = choose_backend(backend, on_cuda=on_cuda)
         if workers is None:
@@ -518,11 +518,3 @@ class CRFRunner:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close(cancel=exc_type is not None)
-
-
-def _torch_device_name(device: Device) -> str:
-    """Where the torch backend would run for ``device`` ("cpu" or "cuda:N"), without importing torch
-    for an explicit CPU."""
-    if device.kind == "cpu":
-        return "cpu"
-    return str(device.torch_device())
