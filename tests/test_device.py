@@ -117,3 +117,24 @@ def test_one_image_crf_run_on_a_cpu_machine_does_not_import_torch(tmp_path) -> N
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "no torch"
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+def test_crf_refine_on_a_cpu_machine_does_not_import_torch() -> None:
+    """The library's ``refine`` with the default backend and device asks the same question as the CLI."""
+    import subprocess
+    import sys
+
+    from deeplab_cli.device import gpu_device_present
+
+    if gpu_device_present():
+        pytest.skip("a GPU device node exists: auto asks torch")
+    code = (
+        "import sys\nimport numpy as np\nfrom deeplab_cli.crf import refine\n"
+        "image = np.zeros((20, 30, 3), np.uint8)\nprobs = np.full((3, 20, 30), 1 / 3, np.float32)\n"
+        "for device in (None, 'auto', 'cpu'):\n"
+        "    assert refine(image, probs, device=device).shape == probs.shape\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "no torch"

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from deeplab_cli.device import parse_device
 from deeplab_cli.errors import DeeplabError
 
 from .backends import BACKENDS, available_backends, choose_backend
@@ -103,12 +104,12 @@ def refine_batch(
         else:
             todo.append(i)
     dev = None
-    if backend in ("auto", "torch"):
+    if backend in ("auto", "torch") and not _on_cpu_without_asking_torch(device):
         from .torch_backend import resolve_device
 
         dev = resolve_device(device)
     backend = choose_backend(backend, on_cuda=dev is not None and dev.type == "cuda")
-    if backend != "torch" or dev is None:
+    if backend != "torch":
         for i in todo:
             results[i] = refine_on_cpu(backend, *checked[i], params, threads)
         return results  # type: ignore[return-value]
@@ -116,6 +117,8 @@ def refine_batch(
     import torch
 
     from .torch_backend import refine_torch_batch
+
+    dev = dev or torch.device("cpu")
 
     if dev.type == "cpu":
         groups = [[i] for i in todo]
@@ -139,6 +142,15 @@ def refine_batch(
             for i, out in zip(group, outs, strict=True):
                 results[i] = out
     return results  # type: ignore[return-value]
+
+
+def _on_cpu_without_asking_torch(device: object) -> bool:
+    """Whether ``device`` (``None``, ``auto`` or ``cpu``) places torch on the CPU, answered as the CRF
+    runner answers it (:meth:`Device.torch_device_name`): without importing torch where no GPU device
+    exists. Anything else (``cuda:N``, a ``torch.device``) is left to the torch backend to resolve."""
+    if device is not None and not (isinstance(device, str) and device in ("auto", "cpu")):
+        return False
+    return parse_device(device).torch_device_name() == "cpu"
 
 
 def refine_on_cpu(
