@@ -220,6 +220,40 @@ def test_positional_lattice_is_gridded() -> None:
     np.testing.assert_allclose(ones[10, 10:20], ones[19, 10:20], rtol=1e-4)
 
 
+def test_mean_field_on_a_lattice_of_another_dimension(voc_image: np.ndarray) -> None:
+    """The kernel's general slice (a lattice with neither 3 nor 6 corners: x, y and grey here, d = 3) is
+    the same mean-field as a float64 numpy version built on :func:`_filter`; 13 labels leave 3 padding
+    lanes in the last vector of 8."""
+    from deeplab_cli.crf import _numba_kernels as nk
+    from deeplab_cli.crf.numba_backend import unary_rows
+
+    crop = voc_image[:40, :60].astype(np.float32)
+    feats = np.concatenate([positional_features(40, 60, 4.0), crop.mean(2).reshape(-1, 1) / 10.0], axis=1)
+    lat = build_lattice(feats)
+    assert lat.d == 3
+    c, n, weight, iterations = 13, feats.shape[0], 3.0, 3
+    probs = np.random.default_rng(1).dirichlet(np.ones(c), n).T.reshape(c, 40, 60).astype(np.float32)
+    neg = unary_rows(probs, 1.0, pad_to=8)
+    q = np.zeros_like(neg)
+    nk.softmax_rows(neg, c, q, False)
+    got = np.empty((c, n), np.float32)
+    nk.mean_field(
+        neg, q, iterations, 1, np.array([weight], np.float32),
+        lat.offsets, lat.bary, lat.nbr, lat.norm, lat.offsets, lat.bary, lat.nbr, lat.norm, False, c, got,
+    )  # fmt: skip
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    norm = lat.norm.astype(np.float64)[:, None]
+    ref = softmax(neg[:, :c].astype(np.float64))
+    for _ in range(iterations):
+        ref = softmax(neg[:, :c] + weight * norm * _filter(lat, norm * ref))
+    np.testing.assert_allclose(got.T, ref, atol=2e-5)
+    assert (got.argmax(0) == ref.argmax(1)).mean() >= 0.999
+
+
 # -- compilation cache ---------------------------------------------------------------------------------------
 
 

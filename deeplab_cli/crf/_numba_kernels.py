@@ -13,10 +13,12 @@ to the last bits of ``exp`` and of the softmax sum:
 * slice ``sum_r (w_r alpha) v[o_r]`` (densecrf's SSE path, used for more than two labels) or
   ``sum_r (w_r v[o_r]) alpha`` (its scalar path: the normaliser and two labels).
 
-Values are vertex-major (V x C, a vertex's labels contiguous, C padded to a multiple of 8) so that the
-loops over labels vectorise; ``prange`` runs over the kernels (splat), vertices (blur) and blocks of pixels
-(slice + softmax, the softmax on labels x 64-pixel tiles so that ``exp`` vectorises across pixels). No
-``fastmath``: reassociation would change the rounding order that makes the results match.
+Values are vertex-major (V x C, a vertex's labels contiguous, C padded to a multiple of 8); splat, blur
+and slice work on 8 labels at a time as explicit vectors (:mod:`._simd`: LLVM's own vectoriser left 24
+labels to its 4-lane remainder loop); ``prange`` runs over the kernels (splat), vertices (blur) and
+blocks of pixels (slice + softmax, the softmax on labels x 64-pixel tiles so that ``exp`` vectorises
+across pixels). No ``fastmath``: reassociation would change the rounding order that makes the results
+match.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import os
 import numba
 import numpy as np
 from numba import njit, prange
+
+from ._simd import LANES, load8, splat8, store8, vadd, vmul
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     # GNU OpenMP (numba's default layer on Linux) breaks a fork()ed child that runs parallel code after
@@ -277,9 +281,6 @@ def filter_ones(offsets: np.ndarray, bary: np.ndarray, nbr: np.ndarray) -> np.nd
     return out
 
 
-LANES = 8  # label vectors are padded to whole AVX vectors of 8 float32
-
-
 @njit(cache=True, inline="always")
 def _scatter(
     q: np.ndarray, offsets: np.ndarray, bary: np.ndarray, norm: np.ndarray, vals: np.ndarray
@@ -288,24 +289,24 @@ def _scatter(
 
     Every vertex sums its pixels in densecrf's order (bit-identical sums); one pass over contiguous
     pixel rows, the ~M x C vertex values staying in cache (4x faster than gathering rows per vertex).
+    A pixel's d+1 corners are distinct vertices, so the corners can be the inner loop: each 8 labels
+    of ``q[p] * norm[p]`` are computed once and stay in a register.
     """
     n, k1 = offsets.shape
     c = q.shape[1]
+    zero = splat8(np.float32(0.0))
     for v in range(vals.shape[0] - 1):  # the last row stays zero: the absent blur neighbour
         row = vals[v]
-        for ch in range(c):
-            row[ch] = np.float32(0.0)
-    tmp = np.empty(c, np.float32)
+        for j in range(0, c, LANES):
+            store8(row, j, zero)
     for p in range(n):
-        nm = norm[p]
+        nm = splat8(norm[p])
         src = q[p]
-        for ch in range(c):
-            tmp[ch] = src[ch] * nm
-        for r in range(k1):
-            dst = vals[offsets[p, r]]
-            w = bary[p, r]
-            for ch in range(c):
-                dst[ch] += w * tmp[ch]
+        for j in range(0, c, LANES):
+            x = vmul(load8(src, j), nm)
+            for r in range(k1):
+                dst = vals[offsets[p, r]]
+                store8(dst, j, vadd(load8(dst, j), vmul(splat8(bary[p, r]), x)))
 
 
 @njit(cache=True, inline="always")
@@ -313,7 +314,7 @@ def _blur(nbr: np.ndarray, buf_a: np.ndarray, buf_b: np.ndarray, scalar_path: bo
     """Blur along every axis, ping-ponging between the buffers; returns the one holding the result."""
     m = nbr.shape[1]
     c = buf_a.shape[1]
-    half = np.float32(0.5)
+    half8 = splat8(np.float32(0.5))
     src, dst = buf_a, buf_b
     for axis in range(nbr.shape[0]):
         for v in prange(m):
@@ -327,8 +328,8 @@ def _blur(nbr: np.ndarray, buf_a: np.ndarray, buf_b: np.ndarray, scalar_path: bo
                     s = np.float64(prev[ch] + nxt[ch])
                     out[ch] = np.float32(np.float64(own[ch]) + 0.5 * s)
             else:
-                for ch in range(c):
-                    out[ch] = own[ch] + half * (prev[ch] + nxt[ch])
+                for j in range(0, c, LANES):
+                    store8(out, j, vadd(load8(own, j), vmul(half8, vadd(load8(prev, j), load8(nxt, j)))))
         src, dst = dst, src
     return src
 
@@ -359,35 +360,40 @@ def _slice_add(
     """
     c = row.size
     k1 = offsets.shape[1]
-    nm = norm[p]
-    if scalar_path or (k1 != 3 and k1 != 6):
+    if scalar_path:
+        nm = norm[p]
         for ch in range(c):
             acc[ch] = np.float32(0.0)
         for r in range(k1):
             src = vals[offsets[p, r]]
-            if scalar_path:
-                w = bary[p, r]
-                for ch in range(c):
-                    acc[ch] += (w * src[ch]) * alpha
-            else:
-                w = bary[p, r] * alpha
-                for ch in range(c):
-                    acc[ch] += w * src[ch]
+            w = bary[p, r]
+            for ch in range(c):
+                acc[ch] += (w * src[ch]) * alpha
         for ch in range(c):
             row[ch] += weight * (acc[ch] * nm)
         return
-    s0, s1, s2 = vals[offsets[p, 0]], vals[offsets[p, 1]], vals[offsets[p, 2]]
-    w0, w1, w2 = bary[p, 0] * alpha, bary[p, 1] * alpha, bary[p, 2] * alpha
-    if k1 == 3:
-        for ch in range(c):
-            a = w0 * s0[ch] + w1 * s1[ch] + w2 * s2[ch]
-            row[ch] += weight * (a * nm)
+    nm = splat8(norm[p])
+    wt = splat8(weight)
+    if k1 == 3 or k1 == 6:
+        s0, s1, s2 = vals[offsets[p, 0]], vals[offsets[p, 1]], vals[offsets[p, 2]]
+        w0, w1, w2 = splat8(bary[p, 0] * alpha), splat8(bary[p, 1] * alpha), splat8(bary[p, 2] * alpha)
+        if k1 == 3:
+            for j in range(0, c, LANES):
+                a = vadd(vadd(vmul(w0, load8(s0, j)), vmul(w1, load8(s1, j))), vmul(w2, load8(s2, j)))
+                store8(row, j, vadd(load8(row, j), vmul(wt, vmul(a, nm))))
+            return
+        s3, s4, s5 = vals[offsets[p, 3]], vals[offsets[p, 4]], vals[offsets[p, 5]]
+        w3, w4, w5 = splat8(bary[p, 3] * alpha), splat8(bary[p, 4] * alpha), splat8(bary[p, 5] * alpha)
+        for j in range(0, c, LANES):
+            a = vadd(vadd(vmul(w0, load8(s0, j)), vmul(w1, load8(s1, j))), vmul(w2, load8(s2, j)))
+            a = vadd(vadd(vadd(a, vmul(w3, load8(s3, j))), vmul(w4, load8(s4, j))), vmul(w5, load8(s5, j)))
+            store8(row, j, vadd(load8(row, j), vmul(wt, vmul(a, nm))))
         return
-    s3, s4, s5 = vals[offsets[p, 3]], vals[offsets[p, 4]], vals[offsets[p, 5]]
-    w3, w4, w5 = bary[p, 3] * alpha, bary[p, 4] * alpha, bary[p, 5] * alpha
-    for ch in range(c):
-        a = w0 * s0[ch] + w1 * s1[ch] + w2 * s2[ch] + w3 * s3[ch] + w4 * s4[ch] + w5 * s5[ch]
-        row[ch] += weight * (a * nm)
+    for j in range(0, c, LANES):  # any other dimension: the corners' sum from zero, in order
+        a = splat8(np.float32(0.0))
+        for r in range(k1):
+            a = vadd(a, vmul(splat8(bary[p, r] * alpha), load8(vals[offsets[p, r]], j)))
+        store8(row, j, vadd(load8(row, j), vmul(wt, vmul(a, nm))))
 
 
 @njit(cache=True, parallel=True)
@@ -490,8 +496,8 @@ def _slice_rows(
     for p in range(p0, p1):
         row = q[p]
         u = neg_unary[p]
-        for ch in range(c):
-            row[ch] = u[ch]
+        for j in range(0, c, LANES):
+            store8(row, j, load8(u, j))
         _slice_add(row, acc, p, offsets1, bary1, v1, norm1, w1, alpha1, scalar_path)
         if n_kernels > 1:
             _slice_add(row, acc, p, offsets2, bary2, v2, norm2, w2, alpha2, scalar_path)
