@@ -72,13 +72,12 @@ def locate(
                 r0[i] = v * up
                 total += v
                 rk[i] = 0
-            for i in range(d):
+            for i in range(d):  # branch-free: the comparisons are data-dependent coin flips
                 di = elevated[i] - r0[i]
                 for j in range(i + 1, k1):
-                    if di < elevated[j] - r0[j]:
-                        rk[i] += 1
-                    else:
-                        rk[j] += 1
+                    below = np.int32(di < elevated[j] - r0[j])
+                    rk[i] += below
+                    rk[j] += np.int32(1) - below
             shift = np.int32(total)
             for i in range(k1):
                 rk[i] += shift
