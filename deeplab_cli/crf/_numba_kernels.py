@@ -11,14 +11,15 @@ to the last bits of ``exp`` and of the softmax sum:
   two threads side by side, so no sum depends on the thread count;
 * blur ``v + 0.5 (v[prev] + v[next])`` along the d+1 axes, a missing neighbour reading a zero row;
 * slice ``sum_r (w_r alpha) v[o_r]`` (densecrf's SSE path, used for more than two labels) or
-  ``sum_r (w_r v[o_r]) alpha`` (its scalar path: the normaliser and two labels).
+  ``sum_r (w_r v[o_r]) alpha`` (its scalar path: the normaliser and two labels);
+* softmax ``exp(x - max) / sum`` per pixel, Cephes' exp polynomial (as Eigen's), the sum over 8-lane
+  partials (Eigen's packets sum in its own order too).
 
-Values are vertex-major (V x C, a vertex's labels contiguous, C padded to a multiple of 8); splat, blur
-and slice work on 8 labels at a time as explicit vectors (:mod:`._simd`: LLVM's own vectoriser left 24
-labels to its 4-lane remainder loop); ``prange`` runs over the kernels (splat), vertices (blur) and
-blocks of pixels (slice + softmax, the softmax on labels x 64-pixel tiles so that ``exp`` vectorises
-across pixels). No ``fastmath``: reassociation would change the rounding order that makes the results
-match.
+Values are vertex-major (V x C, a vertex's labels contiguous, C padded to a multiple of 8); splat, blur,
+slice and softmax work on 8 labels at a time as explicit vectors (:mod:`._simd`: LLVM's own vectoriser
+left 24 labels to its 4-lane remainder loop); ``prange`` runs over the kernels (splat), vertices (blur)
+and blocks of pixels (slice + softmax). No ``fastmath``: reassociation would change the rounding order
+that makes the results match.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._simd import LANES, load8, splat8, store8, vadd, vmul
+from ._simd import LANES, hmax, hsum, load8, splat8, store8, vadd, vdiv, vexp, vmax, vmul, vsub
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     # GNU OpenMP (numba's default layer on Linux) breaks a fork()ed child that runs parallel code after
@@ -37,6 +38,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "forksafe"
 
 BLOCK = 512  # pixels per parallel task where a task needs scratch memory
+SUB = 64  # pixels sliced before their softmax (the two loops pipeline better apart)
 _HASH_MUL = np.uint64(2531011)
 _MISSING = -1
 
@@ -439,10 +441,10 @@ def mean_field(
     w2 = weights[n_kernels - 1]
     alpha1 = _alpha(offsets1.shape[1])
     alpha2 = _alpha(offsets2.shape[1])
+    masks = padding_masks(n_classes, c)
     n_blocks = (n + BLOCK - 1) // BLOCK
     for it in range(iterations):
         last = it == iterations - 1
-        dst = out if last else q
         for k in prange(n_kernels):  # the two kernels' splats side by side
             if k == 0:
                 _scatter(q, offsets1, bary1, norm1, a1)
@@ -454,69 +456,19 @@ def mean_field(
             v2 = _blur(nbr2, a2, b2, scalar_path)
         for blk in prange(n_blocks):  # slice, add to -U, softmax
             acc = np.empty(c, np.float32)
-            t = np.empty((n_classes, SUB), np.float32)
-            top = np.empty(SUB, np.float32)
-            total = np.empty(SUB, np.float32)
-            bits = np.empty(SUB, np.int32)
+            scratch = np.empty(c, np.float32)
             end = min(n, (blk + 1) * BLOCK)
             for p0 in range(blk * BLOCK, end, SUB):
-                p1 = min(end, p0 + SUB)
-                _slice_rows(
-                    q, neg_unary, p0, p1, acc, n_kernels, scalar_path,
-                    offsets1, bary1, v1, norm1, w1, alpha1, offsets2, bary2, v2, norm2, w2, alpha2,
-                )  # fmt: skip
-                softmax_tile(q, p0, p1, n_classes, t, top, total, bits, dst, last)
-
-
-@njit(cache=True, inline="always")
-def _slice_rows(
-    q: np.ndarray,
-    neg_unary: np.ndarray,
-    p0: int,
-    p1: int,
-    acc: np.ndarray,
-    n_kernels: int,
-    scalar_path: bool,
-    offsets1: np.ndarray,
-    bary1: np.ndarray,
-    v1: np.ndarray,
-    norm1: np.ndarray,
-    w1: np.float32,
-    alpha1: np.float32,
-    offsets2: np.ndarray,
-    bary2: np.ndarray,
-    v2: np.ndarray,
-    norm2: np.ndarray,
-    w2: np.float32,
-    alpha2: np.float32,
-) -> None:
-    """``q[p] = -U[p] + w1 n1 K1 (..) + w2 n2 K2 (..)`` for ``p0 <= p < p1`` (before the softmax)."""
-    c = q.shape[1]
-    for p in range(p0, p1):
-        row = q[p]
-        u = neg_unary[p]
-        for j in range(0, c, LANES):
-            store8(row, j, load8(u, j))
-        _slice_add(row, acc, p, offsets1, bary1, v1, norm1, w1, alpha1, scalar_path)
-        if n_kernels > 1:
-            _slice_add(row, acc, p, offsets2, bary2, v2, norm2, w2, alpha2, scalar_path)
-
-
-# Cephes' single-precision exp: exp(x) = 2**n * exp(r), n = round(x / ln 2), |r| <= ln(2)/2, with a
-# degree-6 polynomial for exp(r) (~1 ulp, as Eigen's vectorised exp that densecrf's softmax uses). Plain
-# arithmetic, unlike libm's expf, so that LLVM vectorises it over the labels.
-_LOG2E = np.float32(1.44269504088896341)
-_LN2_HI = np.float32(0.693359375)
-_LN2_LO = np.float32(-2.12194440e-4)
-_EXP_MIN = np.float32(-87.0)
-_P0 = np.float32(1.9875691500e-4)
-_P1 = np.float32(1.3981999507e-3)
-_P2 = np.float32(8.3334519073e-3)
-_P3 = np.float32(4.1665795894e-2)
-_P4 = np.float32(1.6666665459e-1)
-_P5 = np.float32(5.0000001201e-1)
-_HALF = np.float32(0.5)
-_ONE = np.float32(1.0)
+                for p in range(p0, min(end, p0 + SUB)):
+                    row = q[p]
+                    u = neg_unary[p]
+                    for j in range(0, c, LANES):
+                        store8(row, j, load8(u, j))
+                    _slice_add(row, acc, p, offsets1, bary1, v1, norm1, w1, alpha1, scalar_path)
+                    if n_kernels > 1:
+                        _slice_add(row, acc, p, offsets2, bary2, v2, norm2, w2, alpha2, scalar_path)
+                for p in range(p0, min(end, p0 + SUB)):
+                    _softmax_into(q[p], n_classes, masks, out if last else q, p, last, scratch)
 
 
 @njit(cache=True, parallel=True)
@@ -532,83 +484,61 @@ def rows_from_planes(planes: np.ndarray, out: np.ndarray, negate: bool) -> None:
                 row[ch] = planes[ch, p] * sign if negate else planes[ch, p]
 
 
-SUB = 64  # pixels per softmax tile: labels x pixels, so that exp runs across pixels in SIMD lanes
+@njit(cache=True)
+def padding_masks(n_classes: int, c: int) -> np.ndarray:
+    """2 x 8 float32 for the last 8 of ``c`` label lanes: ``[0]`` adds -inf to the padding lanes (out of
+    the max), ``[1]`` multiplies them by 0 (their exp out of the sum: padding stays zero)."""
+    masks = np.zeros((2, LANES), np.float32)
+    for lane in range(LANES):
+        if c - LANES + lane >= n_classes:
+            masks[0, lane] = -np.inf
+        else:
+            masks[1, lane] = np.float32(1.0)
+    return masks
 
 
 @njit(cache=True, inline="always")
-def softmax_tile(
-    x: np.ndarray,
-    p0: int,
-    p1: int,
-    c: int,
-    t: np.ndarray,
-    top: np.ndarray,
-    total: np.ndarray,
-    bits: np.ndarray,
-    out: np.ndarray,
-    as_planes: bool,
-) -> None:
-    """``out[p, :c] <- exp(x[p] - max) / sum`` for the rows ``p0 <= p < p1`` (densecrf's expAndNormalize).
+def _softmax_into(
+    x: np.ndarray, n_classes: int, masks: np.ndarray, out: np.ndarray, p: int, as_planes: bool,
+    scratch: np.ndarray,
+) -> None:  # fmt: skip
+    """``exp(x - max) / sum`` over the first ``n_classes`` lanes of the row ``x`` (densecrf's
+    expAndNormalize), into row ``p`` of ``out`` (padding lanes 0; ``x`` may be that row), or into column
+    ``p`` of C x N planes when ``as_planes`` (via ``scratch``, C float32).
 
-    ``out`` is rows like ``x`` (``x`` itself for in place), or C x N planes when ``as_planes``. The rows
-    are transposed into the scratch tile ``t`` (c x SUB) so that every step is a loop over pixels
-    (vectorised); each pixel still sums its labels in order. ``top``, ``total``: SUB float32; ``bits``:
-    SUB int32 of scratch (the 2**n factors, read through a float32 view).
+    Eight labels at a time: the max and the sum reduce 8-lane partials, then their lanes in order.
     """
-    k = p1 - p0
-    scale = bits.view(np.float32)
-    for i in range(k):
-        row = x[p0 + i]
-        for ch in range(c):
-            t[ch, i] = row[ch]
-    for i in range(k):
-        top[i] = t[0, i]
-        total[i] = np.float32(0.0)
-    for ch in range(1, c):
-        tc = t[ch]
-        for i in range(k):
-            top[i] = tc[i] if tc[i] > top[i] else top[i]
-    for ch in range(c):
-        tc = t[ch]
-        for i in range(k):
-            v = tc[i] - top[i]
-            v = v if v > _EXP_MIN else _EXP_MIN
-            n = np.floor(v * _LOG2E + _HALF)
-            v = v - n * _LN2_HI - n * _LN2_LO
-            y = ((((_P0 * v + _P1) * v + _P2) * v + _P3) * v + _P4) * v + _P5
-            tc[i] = y * (v * v) + v + _ONE
-            bits[i] = (np.int32(n) + np.int32(127)) << np.int32(23)
-        for i in range(k):
-            e = tc[i] * scale[i]
-            tc[i] = e
-            total[i] += e
-    for ch in range(c):
-        tc = t[ch]
-        for i in range(k):
-            tc[i] = tc[i] / total[i]
-    if as_planes:  # the caller's C x N layout: contiguous copies, no transposition back
-        for ch in range(c):
-            dst = out[ch]
-            tc = t[ch]
-            for i in range(k):
-                dst[p0 + i] = tc[i]
-        return
-    for i in range(k):
-        row = out[p0 + i]
-        for ch in range(c):
-            row[ch] = t[ch, i]
+    c = x.size
+    last = c - LANES
+    top = vadd(load8(x, last), load8(masks[0], 0))
+    for j in range(0, last, LANES):
+        top = vmax(top, load8(x, j))
+    shift = splat8(hmax(top))
+    dst = scratch if as_planes else out[p]
+    partial = splat8(np.float32(0.0))
+    for j in range(0, c, LANES):
+        e = vexp(vsub(load8(x, j), shift))
+        if j == last:
+            e = vmul(e, load8(masks[1], 0))
+        store8(dst, j, e)
+        partial = vadd(partial, e)
+    total = splat8(hsum(partial))
+    for j in range(0, c, LANES):
+        store8(dst, j, vdiv(load8(dst, j), total))
+    if as_planes:
+        for ch in range(n_classes):
+            out[ch, p] = scratch[ch]
 
 
 @njit(cache=True, parallel=True)
-def softmax_rows(x: np.ndarray, c: int, out: np.ndarray, as_planes: bool) -> None:
-    """Softmax of the first ``c`` columns of every row of ``x`` into ``out`` (``x`` itself: in place; C x N
-    planes when ``as_planes``)."""
-    n = x.shape[0]
+def softmax_rows(x: np.ndarray, n_classes: int, out: np.ndarray, as_planes: bool) -> None:
+    """Softmax of the first ``n_classes`` columns of every row of ``x`` (C' columns, a multiple of 8) into
+    ``out``: rows (``x`` itself for in place; padding columns 0), or ``n_classes`` x N planes when
+    ``as_planes``."""
+    n, c = x.shape
+    masks = padding_masks(n_classes, c)
     n_blocks = (n + BLOCK - 1) // BLOCK
     for b in prange(n_blocks):
-        t = np.empty((c, SUB), np.float32)
-        top = np.empty(SUB, np.float32)
-        total = np.empty(SUB, np.float32)
-        bits = np.empty(SUB, np.int32)
-        for p0 in range(b * BLOCK, min(n, (b + 1) * BLOCK), SUB):
-            softmax_tile(x, p0, min(n, p0 + SUB, (b + 1) * BLOCK), c, t, top, total, bits, out, as_planes)
+        scratch = np.empty(c, np.float32)
+        for p in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
+            _softmax_into(x[p], n_classes, masks, out, p, as_planes, scratch)

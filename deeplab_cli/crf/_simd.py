@@ -16,9 +16,10 @@ change (or touch) that one too, or processes keep loading the old machine code.
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import errors
+from numba.core import cgutils, errors
 from numba.extending import intrinsic, models, register_model
 
 LANES = 8
@@ -107,4 +108,92 @@ def _binary(name: str):  # noqa: ANN202
 
 
 vadd = _binary("fadd")  # lane-wise a + b
+vsub = _binary("fsub")  # lane-wise a - b
 vmul = _binary("fmul")  # lane-wise a * b
+vdiv = _binary("fdiv")  # lane-wise a / b
+
+
+def _splat_constant(value: float) -> ir.Constant:
+    return ir.Constant(_VECTOR, [float(np.float32(value))] * LANES)
+
+
+def _larger(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
+    """``a if a > b else b`` lane-wise (the scalar code's comparison, NaN-free inputs assumed)."""
+    return builder.select(builder.fcmp_ordered(">", a, b), a, b)
+
+
+@intrinsic
+def vmax(typingctx, a, b):  # noqa: ANN001, ANN201
+    """Lane-wise ``a if a > b else b``."""
+    if a != float32x8 or b != float32x8:
+        raise errors.TypingError(f"vmax needs two float32x8, got {a}, {b}")
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        return _larger(builder, args[0], args[1])
+
+    return float32x8(a, b), codegen
+
+
+def _reduction(name: str, combine):  # noqa: ANN001, ANN202
+    def typer(typingctx, a):  # noqa: ANN001, ANN202
+        if a != float32x8:
+            raise errors.TypingError(f"{name} needs a float32x8, got {a}")
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            value, width = args[0], LANES
+            while width > 1:  # halves combined lane by lane: 8 -> 4 -> 2 -> 1 (three steps)
+                width //= 2
+                lanes = ir.VectorType(ir.IntType(32), width)
+                low = builder.shuffle_vector(value, value, ir.Constant(lanes, list(range(width))))
+                high = builder.shuffle_vector(value, value, ir.Constant(lanes, list(range(width, 2 * width))))
+                value = combine(builder, low, high)
+            return builder.extract_element(value, ir.Constant(ir.IntType(32), 0))
+
+        return types.float32(a), codegen
+
+    typer.__name__ = name
+    return intrinsic(typer)
+
+
+hmax = _reduction("hmax", _larger)  # the largest lane
+hsum = _reduction("hsum", lambda builder, a, b: builder.fadd(a, b))  # the lanes' sum, pairwise
+
+# Cephes' single-precision exp: exp(x) = 2**n * exp(r), n = round(x / ln 2), |r| <= ln(2)/2, with a
+# degree-6 polynomial for exp(r) (~1 ulp, as Eigen's vectorised exp that densecrf's softmax uses).
+_LOG2E = 1.44269504088896341
+_LN2_HI = 0.693359375
+_LN2_LO = -2.12194440e-4
+_EXP_MIN = -87.0  # exp(-87) ~ 1.6e-38, still a normal float32; below it the scale factor would not be
+_EXP_POLY = (
+    1.9875691500e-4,
+    1.3981999507e-3,
+    8.3334519073e-3,
+    4.1665795894e-2,
+    1.6666665459e-1,
+    5.0000001201e-1,
+)
+
+
+@intrinsic
+def vexp(typingctx, x):  # noqa: ANN001, ANN201
+    """Lane-wise ``exp(max(x, -87))`` for ``x <= 0`` (softmax arguments), Cephes' polynomial."""
+    if x != float32x8:
+        raise errors.TypingError(f"vexp needs a float32x8, got {x}")
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        v = _larger(builder, args[0], _splat_constant(_EXP_MIN))
+        fadd, fmul, fsub = builder.fadd, builder.fmul, builder.fsub
+        floor_type = ir.FunctionType(_VECTOR, [_VECTOR])
+        floor = cgutils.get_or_insert_function(builder.module, floor_type, "llvm.floor.v8f32")
+        n = builder.call(floor, [fadd(fmul(v, _splat_constant(_LOG2E)), _splat_constant(0.5))])
+        v = fsub(fsub(v, fmul(n, _splat_constant(_LN2_HI))), fmul(n, _splat_constant(_LN2_LO)))
+        y = _splat_constant(_EXP_POLY[0])
+        for coefficient in _EXP_POLY[1:]:
+            y = fadd(fmul(y, v), _splat_constant(coefficient))
+        e = fadd(fadd(fmul(y, fmul(v, v)), v), _splat_constant(1.0))
+        ints = ir.VectorType(ir.IntType(32), LANES)
+        exponent = builder.add(builder.fptosi(n, ints), ir.Constant(ints, [127] * LANES))
+        scale = builder.bitcast(builder.shl(exponent, ir.Constant(ints, [23] * LANES)), _VECTOR)
+        return fmul(e, scale)
+
+    return float32x8(x), codegen
