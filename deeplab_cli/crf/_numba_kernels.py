@@ -103,37 +103,22 @@ def locate(
                 bary[p, i] = bc[i]
 
 
-@njit(cache=True)
-def _hash(keys: np.ndarray, row: int, probe: np.ndarray, use_probe: bool) -> np.uint64:
-    h = np.uint64(0)
-    d = keys.shape[1]
-    for i in range(d):
-        k = probe[i] if use_probe else keys[row, i]
-        h = (h + np.uint64(np.int64(k) & 0xFFFFFFFF)) * _HASH_MUL
+@njit(cache=True, inline="always")
+def _mix(h: np.uint64) -> np.uint64:
     return h ^ (h >> np.uint64(29))
 
 
-@njit(cache=True, inline="always")
-def _key_is(keys: np.ndarray, row: int, probe: np.ndarray) -> bool:
-    """Whether vertex ``row`` has the key ``probe``."""
-    for i in range(keys.shape[1]):  # noqa: SIM110 - numba compiles the loop, not all() of a generator
-        if keys[row, i] != probe[i]:
-            return False
-    return True
-
-
 @njit(cache=True)
-def _find(table: np.ndarray, keys: np.ndarray, probe: np.ndarray) -> int:
-    """Index of the vertex with key ``probe``, or -1 (read-only: safe to call from many threads)."""
-    mask = np.uint64(table.size - 1)
-    h = _hash(keys, 0, probe, True) & mask
-    while True:
-        e = table[h]
-        if e < 0:
-            return _MISSING
-        if _key_is(keys, e, probe):
-            return e
-        h = (h + np.uint64(1)) & mask
+def _hash(keys: np.ndarray, row: int) -> np.uint64:
+    """Vertex ``row``'s hash: ``sum_i k_i MUL**(d-i)`` (mod 2**64, keys sign-extended), then mixed.
+
+    Linear in the keys before the mix, so that :func:`insert_vertices` gets a simplex's d+1 corner hashes
+    and :func:`blur_neighbours` a vertex's d+1 neighbours' hashes incrementally from one base value.
+    """
+    h = np.uint64(0)
+    for i in range(keys.shape[1]):
+        h = (h + np.uint64(np.int64(keys[row, i]))) * _HASH_MUL
+    return _mix(h)
 
 
 @njit(cache=True)
@@ -141,11 +126,27 @@ def _rehash(keys: np.ndarray, m: int, capacity: int) -> np.ndarray:
     table = np.full(capacity, -1, np.int32)
     mask = np.uint64(capacity - 1)
     for e in range(m):
-        h = _hash(keys, e, keys[0], False) & mask
+        h = _hash(keys, e) & mask
         while table[h] >= 0:
             h = (h + np.uint64(1)) & mask
         table[h] = e
     return table
+
+
+@njit(cache=True, inline="always")
+def _corner(rem0: np.ndarray, rank: np.ndarray, p: int, r: int, i: int) -> np.int32:
+    """Coordinate ``i`` of corner ``r`` of point ``p``'s simplex: the canonical simplex adds r to the
+    coordinates ranked <= d - r and r - (d+1) to those above."""
+    k1 = rem0.shape[1]
+    return rem0[p, i] + (r if rank[p, i] <= k1 - 1 - r else r - k1)
+
+
+@njit(cache=True, inline="always")
+def _vertex_is_corner(keys: np.ndarray, e: int, rem0: np.ndarray, rank: np.ndarray, p: int, r: int) -> bool:
+    for i in range(keys.shape[1]):  # noqa: SIM110 - numba compiles the loop, not all() of a generator
+        if keys[e, i] != _corner(rem0, rank, p, r, i):
+            return False
+    return True
 
 
 @njit(cache=True)
@@ -154,6 +155,10 @@ def insert_vertices(rem0: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.
 
     Returns ``offsets`` (N x (d+1) int32: vertex of each corner), the vertex ``keys`` (M x d int32, the
     first d lattice coordinates) and the final hash ``table`` (power-of-two size, -1 = empty).
+
+    Corner hashes come incrementally (see :func:`_hash`): corner r's key is the base key plus r on every
+    coordinate, minus d+1 on those ranked above d - r; going from corner r-1 to r moves one coordinate,
+    the one ranked d - r + 1, into that set. The hash's unmixed value follows with two additions.
     """
     n, k1 = rem0.shape
     d = k1 - 1
@@ -163,7 +168,11 @@ def insert_vertices(rem0: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.
     table = np.full(capacity, -1, np.int32)
     keys = np.empty((max(n, 16), d), np.int32)
     offsets = np.empty((n, k1), np.int32)
-    probe = np.empty(d, np.int32)
+    power = _hash_powers(d)
+    every = np.uint64(0)  # the unmixed hash of +1 on every coordinate
+    for i in range(d):
+        every += power[i]
+    by_rank = np.empty(k1, np.int64)
     m = 0
     for p in range(n):
         if p > 0:  # neighbouring pixels often share their simplex: reuse its vertices without hashing
@@ -176,15 +185,22 @@ def insert_vertices(rem0: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.
                 for r in range(k1):
                     offsets[p, r] = offsets[p - 1, r]
                 continue
+        base = np.uint64(0)
+        for i in range(d):
+            base += np.uint64(np.int64(rem0[p, i])) * power[i]
+        for i in range(k1):
+            by_rank[rank[p, i]] = i
+        lowered = np.uint64(0)  # unmixed hash of the coordinates ranked above d - r
         for r in range(k1):
-            for i in range(d):
-                # The canonical simplex: corner r adds r to coordinates ranked <= d - r, r - (d+1) above.
-                probe[i] = rem0[p, i] + (r if rank[p, i] <= d - r else r - k1)
+            if r > 0:
+                moved = by_rank[d - r + 1]
+                if moved < d:  # the last coordinate is not part of the key
+                    lowered += power[moved]
             if 2 * m >= capacity:
                 capacity *= 2
                 table = _rehash(keys, m, capacity)
             mask = np.uint64(capacity - 1)
-            h = _hash(keys, 0, probe, True) & mask
+            h = _mix(base + np.uint64(r) * every - np.uint64(k1) * lowered) & mask
             while True:
                 e = table[h]
                 if e < 0:
@@ -192,12 +208,13 @@ def insert_vertices(rem0: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.
                         grown = np.empty((2 * m, d), np.int32)
                         grown[:m] = keys
                         keys = grown
-                    keys[m] = probe
+                    for i in range(d):
+                        keys[m, i] = _corner(rem0, rank, p, r, i)
                     table[h] = m
                     e = m
                     m += 1
                     break
-                if _key_is(keys, e, probe):
+                if _vertex_is_corner(keys, e, rem0, rank, p, r):
                     break
                 h = (h + np.uint64(1)) & mask
             offsets[p, r] = e
@@ -215,20 +232,54 @@ def blur_neighbours(keys: np.ndarray, table: np.ndarray) -> np.ndarray:
     m, d = keys.shape
     k1 = d + 1
     out = np.full((k1, m, 2), _MISSING, np.int32)
+    power = _hash_powers(d)
+    every = np.uint64(0)
+    for i in range(d):
+        every += power[i]
+    mask = np.uint64(table.size - 1)
     n_blocks = (m + BLOCK - 1) // BLOCK
     for b in prange(n_blocks):
-        step = np.empty(k1, np.int32)
         for v in range(b * BLOCK, min(m, (b + 1) * BLOCK)):
+            plus_one = every  # unmixed hash of keys[v] + 1 (see _hash: linear in the keys)
+            for i in range(d):
+                plus_one += np.uint64(np.int64(keys[v, i])) * power[i]
             for j in range(k1):
-                for i in range(d):
-                    step[i] = keys[v, i] + 1
-                if j < d:
-                    step[j] = keys[v, j] - d
-                u = _find(table, keys, step)
+                # axis j: +1 on every coordinate but the j-th, which takes -d (+1 - (d+1))
+                h = _mix(plus_one - np.uint64(k1) * power[j] if j < d else plus_one) & mask
+                u = _MISSING
+                while True:
+                    e = table[h]
+                    if e < 0:
+                        break
+                    if _is_step(keys, e, v, j):
+                        u = e
+                        break
+                    h = (h + np.uint64(1)) & mask
                 out[j, v, 1] = u
                 if u >= 0:
                     out[j, u, 0] = v
     return out
+
+
+@njit(cache=True, inline="always")
+def _is_step(keys: np.ndarray, e: int, v: int, j: int) -> bool:
+    """Whether vertex ``e`` is vertex ``v`` moved one step along lattice axis ``j``."""
+    d = keys.shape[1]
+    for i in range(d):  # noqa: SIM110 - numba compiles the loop, not all() of a generator
+        if keys[e, i] != keys[v, i] + (1 if i != j else -d):
+            return False
+    return True
+
+
+@njit(cache=True)
+def _hash_powers(d: int) -> np.ndarray:
+    """``MUL**(d-i)`` for i < d: coordinate i's factor in the unmixed hash (see :func:`_hash`)."""
+    power = np.empty(d, np.uint64)
+    factor = np.uint64(1)
+    for i in range(d - 1, -1, -1):
+        factor *= _HASH_MUL
+        power[i] = factor
+    return power
 
 
 @njit(cache=True)
