@@ -192,6 +192,27 @@ def test_worker_pool_runs_the_crf_and_stops_at_once(samples) -> None:
     assert not np.allclose(results[0], results[2])  # the per-image parameters were used
 
 
+def test_worker_pool_takes_any_array_an_inline_call_takes(samples) -> None:
+    """Arrays cross to the workers as raw bytes; those that cannot (object arrays hold pointers) go
+    pickled, so every input gets the inline call's answer and no worker dies of one."""
+    _, image, probs = samples[0]
+    image, probs = image[:60, :80].copy(), np.ascontiguousarray(probs[:, :60, :80])
+    params = LARGEFOV.replace(iterations=2)
+    expected = refine(image, probs, params, backend="numba")
+    with CRFRunner(params, backend="numba", workers=2, threads=1) as pool:
+        pids = pool.worker_pids()
+        for _ in range(2):  # each worker gets each bad input
+            with pytest.raises(ValueError, match="floating point, got object"):
+                pool.refine(image, probs.astype(object))
+            with pytest.raises(ValueError, match=">= 0"):
+                pool.refine(image, -probs)
+        np.testing.assert_array_equal(pool.refine(image, probs.astype(np.float64)), expected)
+        mirrored = refine(image[:, ::-1], probs[:, :, ::-1], params, backend="numba")
+        np.testing.assert_array_equal(pool.refine(image[:, ::-1], probs[:, :, ::-1]), mirrored)  # views
+        assert [pool.refine(image, probs) for _ in range(4)][-1].tobytes() == expected.tobytes()
+        assert pool.worker_pids() == pids and all(_alive(pid) for pid in pids)
+
+
 def _alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie waiting for a reaper counts as gone)."""
     try:

@@ -156,16 +156,60 @@ def _worker_main(
         return
     while True:
         try:
-            task = conn.recv()
+            header = conn.recv()
+            if header is None:
+                return
+            image, probs = _receive_arrays(conn, header[:2])
         except (EOFError, OSError):
             return
-        if task is None:
+        except Exception as exc:  # noqa: BLE001 - e.g. no memory for the arrays: say so, then stop
+            conn.send(("error", _picklable(exc)))
             return
         try:
-            reply: tuple[str, object] = ("ok", _refine_in_worker(*task))
+            refined = _refine_in_worker(image, probs, header[2])
         except Exception as exc:  # noqa: BLE001 - re-raised in the parent by the Future
-            reply = ("error", _picklable(exc))
-        conn.send(reply)
+            conn.send(("error", _picklable(exc)))
+            continue
+        del image, probs
+        conn.send(("ok", _array_spec(refined)))
+        _send_arrays(conn, [refined])
+
+
+_ArraySpec = tuple[tuple[int, ...], str] | None  # None: the array follows pickled
+
+
+def _array_spec(array: np.ndarray) -> _ArraySpec:
+    """Shape and dtype for a plain numeric array; None for anything else (object arrays hold pointers,
+    which must never cross as bytes: they go pickled, and the worker's input check names them)."""
+    if not isinstance(array, np.ndarray) or array.dtype.hasobject or array.dtype.kind not in "biufc":
+        return None
+    return array.shape, array.dtype.str
+
+
+def _send_arrays(conn: Connection, arrays: Sequence[np.ndarray]) -> None:
+    """The arrays that have a spec as raw bytes (no pickle: half the cost for 15 MB), others pickled."""
+    for array in arrays:
+        if _array_spec(array) is None:
+            conn.send(array)
+        else:
+            conn.send_bytes(memoryview(np.ascontiguousarray(array)).cast("B"))
+
+
+def _receive_arrays(conn: Connection, specs: Sequence[_ArraySpec]) -> list[np.ndarray]:
+    """What :func:`_send_arrays` sent, raw bytes read into new arrays of the announced shape and dtype."""
+    arrays = []
+    for spec in specs:
+        if spec is None:
+            arrays.append(conn.recv())
+            continue
+        shape, dtype = spec
+        array = np.empty(shape, dtype=np.dtype(dtype))
+        if array.nbytes:
+            conn.recv_bytes_into(memoryview(array).cast("B"))
+        else:
+            conn.recv_bytes()
+        arrays.append(array)
+    return arrays
 
 
 def _picklable(exc: Exception) -> Exception:
@@ -186,6 +230,10 @@ _Task = tuple[np.ndarray, np.ndarray, "CRFParams | None", "Future[np.ndarray]"]
 
 class _ProcessPool:
     """CRF worker processes, one pipe and one feeding thread each, a bounded number of images in flight.
+
+    Arrays cross the pipe as raw bytes behind a small pickled header (shape, dtype), read straight into
+    their destination: a 500x375 image's 21 probability planes (15 MB) each way cost about half of what
+    pickling them did.
 
     Pipes rather than ``ProcessPoolExecutor``'s queues: they hold no named semaphores, so a process that
     exits at once on Ctrl-C (``os._exit``) leaves nothing for the resource tracker to complain about.
@@ -258,8 +306,11 @@ class _ProcessPool:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                conn.send((image, probs, params))
+                conn.send((_array_spec(image), _array_spec(probs), params))
+                _send_arrays(conn, [image, probs])
                 kind, value = conn.recv()
+                if kind == "ok":
+                    (value,) = _receive_arrays(conn, [value])
             except (EOFError, OSError, TypeError):  # TypeError: a pipe closed under us on shutdown
                 error = CRFWorkerError("a CRF worker process stopped unexpectedly")
                 future.set_exception(error)
