@@ -343,6 +343,8 @@ class Resampler:
         y0, y1, fy = self._taps(self.rows, lh)
         x0, x1, fx = self._taps(self.cols, lw)
         coarse = scores.argmax(axis=0).astype(label_dtype(channels))
+        if _is_identity(y0, fy, height) and _is_identity(x0, fx, width) and (lh, lw) == (height, width):
+            return coarse  # same grid (a CRF run at the image's own size): nothing to interpolate
         below = np.vstack([coarse[1:], coarse[-1:]])
         uniform = (coarse == below) & (coarse == np.hstack([coarse[:, 1:], coarse[:, -1:]]))
         uniform &= coarse == np.hstack([below[:, 1:], below[:, -1:]])
@@ -362,6 +364,11 @@ class Resampler:
                 bottom = table[y1[r] * lw + x0[c]] * (1 - wx) + table[y1[r] * lw + x1[c]] * wx
                 labels[r, c] = (top * (1 - wy) + bottom * wy).argmax(axis=1)
         return labels
+
+
+def _is_identity(low: np.ndarray, frac: np.ndarray, n: int) -> bool:
+    """Whether the taps read source cell i for output i with weight 1 (same grid, half-pixel centres)."""
+    return low.size == n and not frac.any() and bool((low == np.arange(n)).all())
 
 
 def interpolation_matrix(

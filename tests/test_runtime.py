@@ -208,6 +208,17 @@ def test_big_label_maps_do_not_materialise_class_planes(dm05: Segmenter) -> None
     assert (labels == coarse).mean() >= 0.98
 
 
+@pytest.mark.parametrize("out_size", [(375, 500), (374, 500), (375, 501)])
+def test_labels_between_grids_are_the_argmax_of_the_dense_resampling(out_size: tuple[int, int]) -> None:
+    """The banded label path (exact; a shortcut when the grids are the same, as after a CRF run at the
+    image's own size) against the argmax of every resampled class plane."""
+    from deeplab_cli.geometry import Resampler
+
+    scores = np.random.default_rng(3).random((21, 375, 500), dtype=np.float32)
+    resampler = Resampler.between((375, 500), out_size, corners=False)
+    np.testing.assert_array_equal(resampler.labels(scores), resampler.dense(scores).argmax(0))
+
+
 class IdentityCRF:
     """A CRF runner that returns its input, recording what it was given (the real ones live in crf/)."""
 
