@@ -323,6 +323,19 @@ class Resampler:
             band += partial[:, :, x1] * fx
             yield top, band
 
+    def taps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(y0, y1, fy, x0, x1, fx)``: each output row's and column's two source cells (int64) and the
+        weight of the second (float32); value = ``(s[y0] (1-fy) + s[y1] fy)`` along rows, then the same
+        along columns, as :meth:`bands` computes it."""
+        y0, y1, fy = self._taps(self.rows, self.source_hw[0])
+        x0, x1, fx = self._taps(self.cols, self.source_hw[1])
+        return y0, y1, fy, x0, x1, fx
+
+    def dense_probs(self, scores: np.ndarray) -> np.ndarray:
+        """The softmax of :meth:`dense` (C x H x W float32, computed in place): the CRF's input."""
+        probs = self.dense(scores)
+        return softmax(probs, out=probs)
+
     def dense(self, scores: np.ndarray) -> np.ndarray:
         """All C x H x W resampled scores (for callers that need every plane, e.g. evaluation)."""
         height, width = self.out_size

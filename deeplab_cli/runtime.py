@@ -391,7 +391,8 @@ class Segmenter:
         """One image's logits -> labels (+ probabilities) at its original size, optionally CRF-refined.
 
         With ``crf``, the probabilities are computed on a grid of at most :data:`CRF_MAX_PIXELS` pixels
-        (the image resized to it, same aspect ratio), refined by ``crf.refine(image, probs)`` there, and
+        (the image resized to it, same aspect ratio) and refined there (``crf.refine_logits(image, logits,
+        resampler)`` where the runner has it: the logits go to the CRF, not C x H x W probabilities), and
         the refined probabilities resampled bilinearly to full size; labels come from them by the exact
         banded fast path, so no C x H x W array at full size is ever made unless ``return_probs``.
         """
@@ -435,10 +436,13 @@ class Segmenter:
         grid = geometry.fit_pixels(height, width, CRF_MAX_PIXELS)
         image = geometry.resize_image(prepared.source, grid, geometry.PILLOW_BILINEAR)
         resampler = prepared.frame.resampler(logits.shape[1:], grid)
-        probs = resampler.dense(logits)
-        geometry.softmax(probs, out=probs)
+        image = np.ascontiguousarray(image, dtype=np.uint8)
+        refine_logits = getattr(crf, "refine_logits", None)  # CRFRunner: the runner resamples (see there)
         start = time.perf_counter()
-        refined = crf.refine(np.ascontiguousarray(image, dtype=np.uint8), probs)
+        if refine_logits is not None:
+            refined = refine_logits(image, logits, resampler)
+        else:
+            refined = crf.refine(image, resampler.dense_probs(logits))
         timings["crf"] = time.perf_counter() - start
         return np.asarray(refined, dtype=np.float32)
 

@@ -213,6 +213,29 @@ def test_worker_pool_takes_any_array_an_inline_call_takes(samples) -> None:
         assert pool.worker_pids() == pids and all(_alive(pid) for pid in pids)
 
 
+def test_workers_refine_logits_as_the_caller_would(samples) -> None:
+    """``refine_logits`` (what ``segment --crf`` sends: the small logits and their grid, not C x H x W
+    probabilities) gives in a worker exactly what it gives inline, for numba and for pydensecrf (whose
+    worker resamples and softmaxes as the caller used to)."""
+    from deeplab_cli.crf.core import refine_logits
+    from deeplab_cli.geometry import Resampler
+
+    _, image, _ = samples[0]
+    image = image[:60, :80].copy()
+    logits = np.random.default_rng(5).normal(0, 4, (6, 9, 11)).astype(np.float32)
+    grid = Resampler.between((9, 11), (60, 80), corners=False)
+    params = LARGEFOV.replace(iterations=3)
+    backends = ["numba"] + (["pydensecrf"] if "pydensecrf" in available_backends() else [])
+    for backend in backends:
+        inline = refine_logits(image, logits, grid, params, backend=backend)
+        with CRFRunner(params, backend=backend, workers=1, threads=1) as pool:
+            np.testing.assert_array_equal(pool.refine_logits(image, logits, grid), inline)
+            with pytest.raises(ValueError, match="NaN"):
+                pool.refine_logits(image, logits * np.nan, grid)
+        reference = refine(image, grid.dense_probs(logits), params, backend=backend)
+        np.testing.assert_allclose(inline, reference, atol=1e-5)
+
+
 def _alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie waiting for a reaper counts as gone)."""
     try:

@@ -97,6 +97,53 @@ def test_other_settings_match_too(samples) -> None:
     _compare(refine_numba(crop, two, LARGEFOV), refine(crop, two, LARGEFOV, backend="pydensecrf"), sid)
 
 
+@pytest.fixture(scope="module")
+def logit_samples() -> list[tuple[str, np.ndarray, np.ndarray, object]]:
+    """(id, RGB image, C x h x w logits, the resampler onto the image) from the default model."""
+    from deeplab_cli.runtime import Segmenter
+
+    segmenter = Segmenter(device="cpu")
+    out = []
+    for sid in voc_sample_ids(3):
+        prepared = segmenter.prepare(VOC2012 / "JPEGImages" / f"{sid}.jpg")
+        logits = segmenter.run([prepared])[0]
+        resampler = prepared.frame.resampler(logits.shape[1:], prepared.image_size)
+        out.append((sid, np.ascontiguousarray(prepared.source), logits, resampler))
+    return out
+
+
+def test_from_logits_is_the_crf_of_their_resampled_softmax(logit_samples) -> None:
+    """What ``segment --crf`` runs: the unary straight from the logits (one pass: resampling, log-softmax)
+    against the CRF of the probabilities the pipeline used to make first, and against pydensecrf."""
+    from deeplab_cli.crf.numba_backend import refine_numba_logits
+
+    for sid, image, logits, resampler in logit_samples:
+        probs = resampler.dense_probs(logits)
+        got = refine_numba_logits(image, logits, resampler.taps(), LARGEFOV)
+        _compare(got, refine_numba(image, probs, LARGEFOV), sid)
+        if "pydensecrf" in available_backends():
+            _compare(got, refine(image, probs, LARGEFOV, backend="pydensecrf"), sid)
+        assert (got.argmax(0) != probs.argmax(0)).mean() > 0.0005  # the CRF moved labels: not trivial
+
+
+def test_from_logits_bad_inputs(logit_samples) -> None:
+    from deeplab_cli.crf.core import CRFInputError
+    from deeplab_cli.crf.numba_backend import refine_numba_logits
+
+    _, image, logits, resampler = logit_samples[0]
+    taps = resampler.taps()
+    with pytest.raises(CRFInputError, match="NaN or infinite"):
+        refine_numba_logits(image, np.where(logits > 5, np.nan, logits), taps, LARGEFOV)
+    with pytest.raises(CRFInputError, match="outside"):
+        refine_numba_logits(image, np.ascontiguousarray(logits[:, :, :10]), taps, LARGEFOV)
+    with pytest.raises(CRFInputError, match="does not match its grid"):
+        refine_numba_logits(image[:-1], logits, taps, LARGEFOV)
+    with pytest.raises(CRFInputError, match="uint8"):
+        refine_numba_logits(image.astype(np.float32), logits, taps, LARGEFOV)
+    one = refine_numba_logits(image, logits[:1], taps, LARGEFOV)
+    assert one.shape == (1, *image.shape[:2]) and (one == 1).all()
+
+
 def test_thread_count_does_not_change_the_result(samples) -> None:
     """Every sum runs in a fixed order (splat: per vertex, pixels ascending), whatever the threads."""
     _, image, probs = samples[1]

@@ -535,6 +535,67 @@ def rows_from_planes(planes: np.ndarray, out: np.ndarray, negate: bool) -> None:
                 row[ch] = planes[ch, p] * sign if negate else planes[ch, p]
 
 
+@njit(cache=True, parallel=True)
+def unary_from_logits(
+    logit_rows: np.ndarray,
+    width_in: int,
+    y0: np.ndarray,
+    y1: np.ndarray,
+    fy: np.ndarray,
+    x0: np.ndarray,
+    x1: np.ndarray,
+    fx: np.ndarray,
+    n_classes: int,
+    unary_scale: np.float32,
+    log_floor: np.float32,
+    out: np.ndarray,
+) -> None:
+    """``-U`` rows straight from the network's logits: bilinear resampling, log-softmax, floor, scale.
+
+    ``logit_rows``: the logits as (h*w) x C' rows (C' a multiple of 8, padding zero), ``width_in`` = w;
+    the taps as :meth:`deeplab_cli.geometry.Resampler.taps` gives them (rows first, then columns, the
+    same float32 operations as its dense resampling). Row ``y * W + x`` of ``out`` gets
+    ``unary_scale * max(log softmax(v), log_floor)`` for the resampled scores ``v`` of output pixel
+    (y, x): the ``-U`` of ``U = -unary_scale log(max(p, floor))``, with one ``log`` per pixel instead of
+    an ``exp`` and a ``log`` per class and pixel, and no C x H x W probabilities in between.
+    """
+    c = logit_rows.shape[1]
+    height, width = y0.size, x0.size
+    masks = padding_masks(n_classes, c)
+    last = c - LANES
+    one = np.float32(1.0)
+    scale = splat8(unary_scale)
+    floor = splat8(log_floor)
+    for y in prange(height):
+        top_y, bottom_y = y0[y] * width_in, y1[y] * width_in
+        wy = splat8(fy[y])
+        wy_ = splat8(one - fy[y])
+        scores = np.empty(c, np.float32)
+        for x in range(width):
+            wx = splat8(fx[x])
+            wx_ = splat8(one - fx[x])
+            a, b = logit_rows[top_y + x0[x]], logit_rows[bottom_y + x0[x]]
+            e, f = logit_rows[top_y + x1[x]], logit_rows[bottom_y + x1[x]]
+            largest = splat8(np.float32(-np.inf))
+            for j in range(0, c, LANES):
+                left = vadd(vmul(load8(a, j), wy_), vmul(load8(b, j), wy))
+                right = vadd(vmul(load8(e, j), wy_), vmul(load8(f, j), wy))
+                v = vadd(vmul(left, wx_), vmul(right, wx))
+                store8(scores, j, v)
+                largest = vmax(largest, vadd(v, load8(masks[0], 0)) if j == last else v)
+            shift = splat8(hmax(largest))
+            partial = splat8(np.float32(0.0))
+            for j in range(0, c, LANES):
+                ex = vexp(vsub(load8(scores, j), shift))
+                partial = vadd(partial, vmul(ex, load8(masks[1], 0)) if j == last else ex)
+            log_total = splat8(np.float32(np.log(hsum(partial))))
+            row = out[y * width + x]
+            for j in range(0, c, LANES):
+                log_p = vsub(vsub(load8(scores, j), shift), log_total)
+                v = vmul(scale, vmax(log_p, floor))
+                store8(row, j, vmul(v, load8(masks[1], 0)) if j == last else v)
+
+
 @njit(cache=True)
 def padding_masks(n_classes: int, c: int) -> np.ndarray:
     """2 x 8 float32 for the last 8 of ``c`` label lanes: ``[0]`` adds -inf to the padding lanes (out of

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -12,7 +13,17 @@ from deeplab_cli.errors import DeeplabError
 from .backends import BACKENDS, available_backends, choose_backend
 from .params import CRFParams
 
-__all__ = ["BACKENDS", "CRFInputError", "available_backends", "refine", "refine_batch", "check_inputs"]
+__all__ = [
+    "BACKENDS",
+    "CRFInputError",
+    "LogitsGrid",
+    "available_backends",
+    "check_inputs",
+    "check_logits",
+    "refine",
+    "refine_batch",
+    "refine_logits",
+]
 
 
 class CRFInputError(DeeplabError, ValueError):
@@ -27,10 +38,7 @@ def check_inputs(image: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.n
     """
     if not isinstance(image, np.ndarray) or not isinstance(probs, np.ndarray):
         raise CRFInputError("CRF image and probabilities must be numpy arrays")
-    if image.dtype != np.uint8:
-        raise CRFInputError(f"CRF image must be uint8, got {image.dtype}")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise CRFInputError(f"CRF image must be H x W x 3 (RGB), got shape {image.shape}")
+    _check_image_type(image)
     if probs.ndim != 3:
         raise CRFInputError(f"CRF probabilities must be C x H x W, got shape {probs.shape}")
     if not np.issubdtype(probs.dtype, np.floating):
@@ -48,13 +56,42 @@ def check_inputs(image: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.n
         raise CRFInputError("CRF probabilities contain NaN or infinite values")
     if low < 0:
         raise CRFInputError("CRF probabilities must be >= 0")
-    image = np.ascontiguousarray(image)
     # Read-only inputs (e.g. np.asarray of a PIL image) are copied: pydensecrf and torch need writable.
-    if not image.flags.writeable:
-        image = image.copy()
     if not probs.flags.writeable:
         probs = probs.copy()
-    return image, probs
+    return _writable(image), probs
+
+
+def check_logits(
+    image: np.ndarray, logits: np.ndarray, grid: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate an image on the CRF's ``grid`` (H x W) and C x h x w finite logits (any sign) resampled
+    onto it; return contiguous float32 logits. Raises :class:`CRFInputError` (one line)."""
+    if not isinstance(image, np.ndarray) or not isinstance(logits, np.ndarray):
+        raise CRFInputError("CRF image and logits must be numpy arrays")
+    _check_image_type(image)
+    if image.shape[:2] != tuple(grid) or min(grid) < 1:
+        raise CRFInputError(f"CRF image {image.shape[0]}x{image.shape[1]} does not match its grid {grid}")
+    if logits.ndim != 3 or min(logits.shape) < 1:
+        raise CRFInputError(f"CRF logits must be C x h x w, got shape {logits.shape}")
+    if not np.issubdtype(logits.dtype, np.floating):
+        raise CRFInputError(f"CRF logits must be floating point, got {logits.dtype}")
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    if not (np.isfinite(logits.min()) and np.isfinite(logits.max())):
+        raise CRFInputError("CRF logits contain NaN or infinite values")
+    return _writable(image), logits
+
+
+def _check_image_type(image: np.ndarray) -> None:
+    if image.dtype != np.uint8:
+        raise CRFInputError(f"CRF image must be uint8, got {image.dtype}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise CRFInputError(f"CRF image must be H x W x 3 (RGB), got shape {image.shape}")
+
+
+def _writable(image: np.ndarray) -> np.ndarray:
+    image = np.ascontiguousarray(image)
+    return image if image.flags.writeable else image.copy()
 
 
 def refine(
@@ -142,6 +179,36 @@ def refine_batch(
             for i, out in zip(group, outs, strict=True):
                 results[i] = out
     return results  # type: ignore[return-value]
+
+
+class LogitsGrid(Protocol):
+    """How network logits resample onto the CRF's grid (:class:`deeplab_cli.geometry.Resampler`)."""
+
+    def taps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
+
+    def dense_probs(self, scores: np.ndarray) -> np.ndarray: ...
+
+
+def refine_logits(
+    image: np.ndarray,
+    logits: np.ndarray,
+    grid: LogitsGrid,
+    params: CRFParams | None = None,
+    *,
+    backend: str = "auto",
+    device: str | None = None,
+    threads: int | None = None,
+) -> np.ndarray:
+    """:func:`refine` of ``grid.dense_probs(logits)``, the softmax of the logits resampled onto the
+    image's grid; the numba backend takes its unary from the logits in one pass instead (no C x H x W
+    probabilities; equal to the other way to ~1e-6, see :func:`.numba_backend.refine_numba_logits`)."""
+    on_cpu = backend in ("numba", "pydensecrf") or _on_cpu_without_asking_torch(device)
+    chosen = choose_backend(backend, on_cuda=False) if on_cpu else backend
+    if chosen == "numba":
+        from .numba_backend import refine_numba_logits
+
+        return refine_numba_logits(image, logits, grid.taps(), params or CRFParams(), threads)
+    return refine(image, grid.dense_probs(logits), params, backend=backend, device=device, threads=threads)
 
 
 def _on_cpu_without_asking_torch(device: object) -> bool:

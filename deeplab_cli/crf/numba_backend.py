@@ -29,7 +29,14 @@ import numpy as np
 
 from .params import PROB_FLOOR, CRFParams
 
-__all__ = ["is_available", "refine_numba", "build_lattice", "NumbaLattice", "clear_cache"]
+__all__ = [
+    "is_available",
+    "refine_numba",
+    "refine_numba_logits",
+    "build_lattice",
+    "NumbaLattice",
+    "clear_cache",
+]
 
 _LOCK = threading.RLock()
 _POS_CACHE: OrderedDict[tuple[int, int, float], NumbaLattice] = OrderedDict()
@@ -187,30 +194,83 @@ def refine_numba(
     non-negative (bad inputs raise ``ValueError``); ``iterations == 0`` gives the softmax of the unary, one
     class gives all ones. ``threads``: numba threads for this call (None or 0: all of them).
     """
-    from . import _numba_kernels as nk
     from .core import check_inputs
 
+    params = _checked(params)
+    image, probs = check_inputs(image, probs)
+    if probs.shape[0] == 1:
+        return np.ones_like(probs)
+    with _LOCK, _num_threads(threads):
+        neg = unary_rows(probs, params.unary_scale, pad_to=LABEL_PAD)
+        return _refine_unary(image, neg, probs.shape[0], params)
+
+
+Taps = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def refine_numba_logits(
+    image: np.ndarray,
+    logits: np.ndarray,
+    taps: Taps,
+    params: CRFParams | None = None,
+    threads: int | None = None,
+) -> np.ndarray:
+    """:func:`refine_numba` of the softmax of bilinearly resampled logits, without making it.
+
+    ``logits``: C x h x w network scores; ``taps``: how they resample onto the image's H x W grid
+    (:meth:`deeplab_cli.geometry.Resampler.taps`). The unary comes from one compiled pass (resampling,
+    log-softmax, floor); it equals the one :func:`refine_numba` computes from the probabilities to a few
+    float32 ulps (a log-softmax instead of the log of a softmax).
+    """
+    from . import _numba_kernels as nk
+    from .core import CRFInputError, check_logits
+
+    params = _checked(params)
+    y0, y1, fy, x0, x1, fx = (np.ascontiguousarray(t) for t in taps)
+    image, logits = check_logits(image, logits, (y0.size, x0.size))
+    c, h, w = logits.shape
+    for index, n in ((y0, h), (y1, h), (x0, w), (x1, w)):
+        if index.size and (index.min() < 0 or index.max() >= n):
+            raise CRFInputError(f"CRF resampling taps fall outside the {h}x{w} logits")
+    if c == 1:
+        return np.ones((1, *image.shape[:2]), np.float32)
+    with _LOCK, _num_threads(threads):
+        rows = np.zeros((h * w, -(-c // LABEL_PAD) * LABEL_PAD), np.float32)
+        nk.rows_from_planes(logits.reshape(c, -1), rows, False)
+        neg = np.empty((y0.size * x0.size, rows.shape[1]), np.float32)
+        floor = np.log(np.float32(PROB_FLOOR))
+        nk.unary_from_logits(
+            rows, w, y0.astype(np.int64), y1.astype(np.int64), fy.astype(np.float32),
+            x0.astype(np.int64), x1.astype(np.int64), fx.astype(np.float32),
+            c, np.float32(params.unary_scale), floor, neg,
+        )  # fmt: skip
+        return _refine_unary(image, neg, c, params)
+
+
+def _checked(params: CRFParams | None) -> CRFParams:
     params = params or CRFParams()
     if not isinstance(params, CRFParams):
         raise ValueError(f"params must be a CRFParams, got {type(params).__name__}")
-    image, probs = check_inputs(image, probs)
-    c, h, w = probs.shape
-    if c == 1:
-        return np.ones_like(probs)
+    return params
+
+
+def _refine_unary(image: np.ndarray, neg: np.ndarray, c: int, params: CRFParams) -> np.ndarray:
+    """The mean field from ``-U`` rows (N x C', padding zero); C x H x W probabilities. Holds the lock."""
+    from . import _numba_kernels as nk
+
+    h, w = image.shape[:2]
     out = np.empty((c, h * w), np.float32)
-    with _LOCK, _num_threads(threads):
-        neg = unary_rows(probs, params.unary_scale, pad_to=LABEL_PAD)
-        lattices, weights = lattices_for(image, params) if params.iterations > 0 else ([], [])
-        if not lattices:  # no iterations (or no kernel weight): the softmax of the unary
-            nk.softmax_rows(neg, c, out, True)
-            return out.reshape(c, h, w)
-        q = np.zeros_like(neg)  # the padding columns stay zero
-        nk.softmax_rows(neg, c, q, False)
-        first, second = lattices[0], lattices[-1]
-        nk.mean_field(
-            neg, q, params.iterations, len(lattices), np.array(weights, np.float32),
-            first.offsets, first.bary, first.nbr, first.norm,
-            second.offsets, second.bary, second.nbr, second.norm,
-            c <= 2, c, out,
-        )  # fmt: skip
+    lattices, weights = lattices_for(image, params) if params.iterations > 0 else ([], [])
+    if not lattices:  # no iterations (or no kernel weight): the softmax of the unary
+        nk.softmax_rows(neg, c, out, True)
+        return out.reshape(c, h, w)
+    q = np.zeros_like(neg)  # the padding columns stay zero
+    nk.softmax_rows(neg, c, q, False)
+    first, second = lattices[0], lattices[-1]
+    nk.mean_field(
+        neg, q, params.iterations, len(lattices), np.array(weights, np.float32),
+        first.offsets, first.bary, first.nbr, first.norm,
+        second.offsets, second.bary, second.nbr, second.norm,
+        c <= 2, c, out,
+    )  # fmt: skip
     return out.reshape(c, h, w)

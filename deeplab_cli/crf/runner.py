@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
     from types import TracebackType
 
+    from .core import LogitsGrid
+
 __all__ = ["CRFRunner", "CRFWorkerError", "default_crf_workers", "network_threads"]
 
 WATCHDOG_PERIOD_S = 0.25
@@ -124,12 +126,18 @@ def _warm_up() -> int:
     return os.getpid()
 
 
-def _refine_in_worker(image: np.ndarray, probs: np.ndarray, params: CRFParams | None) -> np.ndarray:
-    from .core import refine
+def _refine_in_worker(
+    image: np.ndarray, scores: np.ndarray, params: CRFParams | None, grid: LogitsGrid | None = None
+) -> np.ndarray:
+    """Refine probabilities, or logits resampled by ``grid`` (see :func:`.core.refine_logits`)."""
+    from .core import refine, refine_logits
 
     default, backend, threads = _WORKER["params"], _WORKER["backend"], _WORKER["threads"]
     assert isinstance(default, CRFParams) and isinstance(backend, str) and isinstance(threads, int)
-    return refine(image, probs, params or default, backend=backend, device="cpu", threads=threads)
+    chosen = params or default
+    if grid is not None:
+        return refine_logits(image, scores, grid, chosen, backend=backend, device="cpu", threads=threads)
+    return refine(image, scores, chosen, backend=backend, device="cpu", threads=threads)
 
 
 @contextmanager
@@ -159,18 +167,18 @@ def _worker_main(
             header = conn.recv()
             if header is None:
                 return
-            image, probs = _receive_arrays(conn, header[:2])
+            image, scores = _receive_arrays(conn, header[:2])
         except (EOFError, OSError):
             return
         except Exception as exc:  # noqa: BLE001 - e.g. no memory for the arrays: say so, then stop
             conn.send(("error", _picklable(exc)))
             return
         try:
-            refined = _refine_in_worker(image, probs, header[2])
+            refined = _refine_in_worker(image, scores, header[2], header[3])
         except Exception as exc:  # noqa: BLE001 - re-raised in the parent by the Future
             conn.send(("error", _picklable(exc)))
             continue
-        del image, probs
+        del image, scores
         conn.send(("ok", _array_spec(refined)))
         _send_arrays(conn, [refined])
 
@@ -225,7 +233,8 @@ class CRFWorkerError(DeeplabError):
     """A CRF worker process failed to start or stopped unexpectedly."""
 
 
-_Task = tuple[np.ndarray, np.ndarray, "CRFParams | None", "Future[np.ndarray]"]
+# image, probabilities (or logits with their grid), per-image parameters, the caller's future
+_Task = tuple[np.ndarray, np.ndarray, "LogitsGrid | None", "CRFParams | None", "Future[np.ndarray]"]
 
 
 class _ProcessPool:
@@ -272,13 +281,15 @@ class _ProcessPool:
         for future in self._ready:
             future.result()
 
-    def submit(self, image: np.ndarray, probs: np.ndarray, params: CRFParams | None) -> Future[np.ndarray]:
+    def submit(
+        self, image: np.ndarray, scores: np.ndarray, grid: LogitsGrid | None, params: CRFParams | None
+    ) -> Future[np.ndarray]:
         if self._broken is not None:
             raise self._broken
         self._slots.acquire()
         future: Future[np.ndarray] = Future()
         future.add_done_callback(lambda _f: self._slots.release())
-        self._tasks.put((image, probs, params, future))
+        self._tasks.put((image, scores, grid, params, future))
         return future
 
     def _feed(self, index: int) -> None:
@@ -302,12 +313,12 @@ class _ProcessPool:
                 with contextlib.suppress(OSError):
                     conn.send(None)
                 return
-            image, probs, params, future = task
+            image, scores, grid, params, future = task
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                conn.send((_array_spec(image), _array_spec(probs), params))
-                _send_arrays(conn, [image, probs])
+                conn.send((_array_spec(image), _array_spec(scores), params, grid))
+                _send_arrays(conn, [image, scores])
                 kind, value = conn.recv()
                 if kind == "ok":
                     (value,) = _receive_arrays(conn, [value])
@@ -338,7 +349,7 @@ class _ProcessPool:
                 return
             if task is None:
                 continue
-            future = task[3]
+            future = task[4]
             if error is None:
                 future.cancel()
             elif future.set_running_or_notify_cancel():
@@ -514,6 +525,24 @@ class CRFRunner:
             return refine(image, probs, chosen, backend=self.backend, device="cpu", threads=self.threads)
         return self.submit(image, probs, params).result()
 
+    def refine_logits(
+        self, image: np.ndarray, logits: np.ndarray, grid: LogitsGrid, params: CRFParams | None = None
+    ) -> np.ndarray:
+        """:meth:`refine` of ``grid.dense_probs(logits)`` (the network's C x h x w logits resampled onto
+        the image's grid, softmaxed), made where the CRF runs: a worker gets the small logits instead of
+        C x H x W probabilities, and the numba backend goes from logits to its unary in one pass."""
+        self._check_open()
+        if self._gpu is not None:
+            return self._gpu.submit(image, grid.dense_probs(logits), params).result()
+        if self._pool is not None:
+            return self._pool.submit(image, logits, grid, params).result()
+        from .core import refine_logits
+
+        chosen = params or self.params
+        return refine_logits(
+            image, logits, grid, chosen, backend=self.backend, device="cpu", threads=self.threads
+        )
+
     def refine_many(self, images: Sequence[np.ndarray], probs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Refine several images (batched on a GPU, in parallel in a pool); results in input order."""
         futures = [self.submit(im, p) for im, p in zip(images, probs, strict=True)]
@@ -529,7 +558,7 @@ class CRFRunner:
         """
         self._check_open()
         if self._pool is not None:
-            return self._pool.submit(image, probs, params)
+            return self._pool.submit(image, probs, None, params)
         if self._gpu is not None:
             return self._gpu.submit(image, probs, params)
         future: Future[np.ndarray] = Future()
