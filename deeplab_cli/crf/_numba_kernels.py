@@ -168,10 +168,7 @@ def insert_vertices(rem0: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.
     table = np.full(capacity, -1, np.int32)
     keys = np.empty((max(n, 16), d), np.int32)
     offsets = np.empty((n, k1), np.int32)
-    power = _hash_powers(d)
-    every = np.uint64(0)  # the unmixed hash of +1 on every coordinate
-    for i in range(d):
-        every += power[i]
+    power, every = _hash_powers(d)
     by_rank = np.empty(k1, np.int64)
     m = 0
     for p in range(n):
@@ -232,10 +229,7 @@ def blur_neighbours(keys: np.ndarray, table: np.ndarray) -> np.ndarray:
     m, d = keys.shape
     k1 = d + 1
     out = np.full((k1, m, 2), _MISSING, np.int32)
-    power = _hash_powers(d)
-    every = np.uint64(0)
-    for i in range(d):
-        every += power[i]
+    power, every = _hash_powers(d)
     mask = np.uint64(table.size - 1)
     n_blocks = (m + BLOCK - 1) // BLOCK
     for b in prange(n_blocks):
@@ -272,14 +266,17 @@ def _is_step(keys: np.ndarray, e: int, v: int, j: int) -> bool:
 
 
 @njit(cache=True)
-def _hash_powers(d: int) -> np.ndarray:
-    """``MUL**(d-i)`` for i < d: coordinate i's factor in the unmixed hash (see :func:`_hash`)."""
+def _hash_powers(d: int) -> tuple[np.ndarray, np.uint64]:
+    """``MUL**(d-i)`` for i < d (coordinate i's factor in the unmixed hash, see :func:`_hash`) and their
+    sum (the unmixed hash of +1 on every coordinate)."""
     power = np.empty(d, np.uint64)
     factor = np.uint64(1)
+    every = np.uint64(0)
     for i in range(d - 1, -1, -1):
         factor *= _HASH_MUL
         power[i] = factor
-    return power
+        every += factor
+    return power, every
 
 
 @njit(cache=True)
@@ -576,14 +573,11 @@ def unary_from_logits(
             wx_ = splat8(one - fx[x])
             a, b = logit_rows[top_y + x0[x]], logit_rows[bottom_y + x0[x]]
             e, f = logit_rows[top_y + x1[x]], logit_rows[bottom_y + x1[x]]
-            largest = splat8(np.float32(-np.inf))
             for j in range(0, c, LANES):
                 left = vadd(vmul(load8(a, j), wy_), vmul(load8(b, j), wy))
                 right = vadd(vmul(load8(e, j), wy_), vmul(load8(f, j), wy))
-                v = vadd(vmul(left, wx_), vmul(right, wx))
-                store8(scores, j, v)
-                largest = vmax(largest, vadd(v, load8(masks[0], 0)) if j == last else v)
-            shift = splat8(hmax(largest))
+                store8(scores, j, vadd(vmul(left, wx_), vmul(right, wx)))
+            shift = splat8(_label_max(scores, masks))
             partial = splat8(np.float32(0.0))
             for j in range(0, c, LANES):
                 ex = vexp(vsub(load8(scores, j), shift))
@@ -610,6 +604,16 @@ def padding_masks(n_classes: int, c: int) -> np.ndarray:
 
 
 @njit(cache=True, inline="always")
+def _label_max(x: np.ndarray, masks: np.ndarray) -> np.float32:
+    """The largest of the row's labels: its padding lanes (the last vector's, per ``masks[0]``) left out."""
+    last = x.size - LANES
+    top = vadd(load8(x, last), load8(masks[0], 0))
+    for j in range(0, last, LANES):
+        top = vmax(top, load8(x, j))
+    return hmax(top)
+
+
+@njit(cache=True, inline="always")
 def _softmax_into(
     x: np.ndarray, n_classes: int, masks: np.ndarray, out: np.ndarray, p: int, as_planes: bool,
     scratch: np.ndarray,
@@ -622,10 +626,7 @@ def _softmax_into(
     """
     c = x.size
     last = c - LANES
-    top = vadd(load8(x, last), load8(masks[0], 0))
-    for j in range(0, last, LANES):
-        top = vmax(top, load8(x, j))
-    shift = splat8(hmax(top))
+    shift = splat8(_label_max(x, masks))
     dst = scratch if as_planes else out[p]
     partial = splat8(np.float32(0.0))
     for j in range(0, c, LANES):

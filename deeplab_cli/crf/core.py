@@ -10,7 +10,7 @@ import numpy as np
 from deeplab_cli.device import parse_device
 from deeplab_cli.errors import DeeplabError
 
-from .backends import BACKENDS, available_backends, choose_backend
+from .backends import BACKENDS, CPU_ONLY, available_backends, choose_backend
 from .params import CRFParams
 
 __all__ = [
@@ -202,8 +202,9 @@ def refine_logits(
     """:func:`refine` of ``grid.dense_probs(logits)``, the softmax of the logits resampled onto the
     image's grid; the numba backend takes its unary from the logits in one pass instead (no C x H x W
     probabilities; equal to the other way to ~1e-6, see :func:`.numba_backend.refine_numba_logits`)."""
-    on_cpu = backend in ("numba", "pydensecrf") or _on_cpu_without_asking_torch(device)
-    chosen = choose_backend(backend, on_cuda=False) if on_cpu else backend
+    name = (backend or "auto").strip().lower()
+    on_cpu = name in CPU_ONLY or _on_cpu_without_asking_torch(device)
+    chosen = choose_backend(name, on_cuda=False) if on_cpu else name
     if chosen == "numba":
         from .numba_backend import refine_numba_logits
 

@@ -226,7 +226,8 @@ def refine_numba_logits(
     from .core import CRFInputError, check_logits
 
     params = _checked(params)
-    y0, y1, fy, x0, x1, fx = (np.ascontiguousarray(t) for t in taps)
+    y0, y1, x0, x1 = (np.ascontiguousarray(taps[i], dtype=np.int64) for i in (0, 1, 3, 4))
+    fy, fx = (np.ascontiguousarray(taps[i], dtype=np.float32) for i in (2, 5))
     image, logits = check_logits(image, logits, (y0.size, x0.size))
     c, h, w = logits.shape
     for index, n in ((y0, h), (y1, h), (x0, w), (x1, w)):
@@ -239,11 +240,7 @@ def refine_numba_logits(
         nk.rows_from_planes(logits.reshape(c, -1), rows, False)
         neg = np.empty((y0.size * x0.size, rows.shape[1]), np.float32)
         floor = np.log(np.float32(PROB_FLOOR))
-        nk.unary_from_logits(
-            rows, w, y0.astype(np.int64), y1.astype(np.int64), fy.astype(np.float32),
-            x0.astype(np.int64), x1.astype(np.int64), fx.astype(np.float32),
-            c, np.float32(params.unary_scale), floor, neg,
-        )  # fmt: skip
+        nk.unary_from_logits(rows, w, y0, y1, fy, x0, x1, fx, c, np.float32(params.unary_scale), floor, neg)
         return _refine_unary(image, neg, c, params)
 
 
