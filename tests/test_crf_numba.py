@@ -154,6 +154,45 @@ def test_thread_count_does_not_change_the_result(samples) -> None:
         refine_numba(image, probs, LARGEFOV, threads=-1)
 
 
+def test_an_error_beside_the_vertex_insertion_reaches_the_caller() -> None:
+    """The insertion runs on a helper thread while the caller makes the unary: a failure on either side
+    is raised in the caller, and the caller's numba thread count is restored."""
+    import numba
+
+    from deeplab_cli.crf import numba_backend as nb
+
+    def fail() -> None:
+        raise MemoryError("no room for the vertices")
+
+    with nb._num_threads(2):
+        before = numba.get_num_threads()
+        with pytest.raises(MemoryError, match="vertices"):
+            nb._side_by_side(fail, lambda: 1)
+        with pytest.raises(ZeroDivisionError):
+            nb._side_by_side(lambda: 1, lambda: 1 / 0)
+        assert numba.get_num_threads() == before
+        assert nb._side_by_side(lambda: "serial", lambda: numba.get_num_threads()) == ("serial", before - 1)
+
+
+def test_the_unary_is_the_floored_log_of_the_probabilities() -> None:
+    """``unary_rows`` (a vector log in one compiled pass) against numpy's float64 log: within one float32
+    ulp over the whole range (1e-8 to 1 and above), values below the floor floored, a pixel count that
+    leaves partial vectors and tiles, padding columns zero."""
+    from deeplab_cli.crf.numba_backend import unary_rows
+
+    c, h, w = 13, 233, 257
+    probs = np.geomspace(1e-8, 4.0, c * h * w).astype(np.float32)
+    probs = np.random.default_rng(3).permutation(probs).reshape(c, h, w)
+    probs[0, 0, :4] = [0.0, 1e-12, 1.0, 0.5]
+    neg = unary_rows(probs, 2.0)
+    assert neg.shape == (h * w, 16) and not neg[:, c:].any()
+    floored = np.maximum(probs.reshape(c, -1).T, np.float32(1e-8)).astype(np.float64)
+    expected = np.log(floored)
+    ulp = np.spacing(np.abs(expected).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(neg[:, :c] / 2.0 - expected) <= ulp)
+    assert neg[0, 0] == neg[1, 0] == np.float32(2.0 * np.log(np.float32(1e-8))) and neg[2, 0] == 0
+
+
 def test_zero_iterations_and_one_class(samples) -> None:
     _, image, probs = samples[1]
     out = refine_numba(image, probs, LARGEFOV.replace(iterations=0))
@@ -280,7 +319,7 @@ def test_mean_field_on_a_lattice_of_another_dimension(voc_image: np.ndarray) -> 
     assert lat.d == 3
     c, n, weight, iterations = 13, feats.shape[0], 3.0, 3
     probs = np.random.default_rng(1).dirichlet(np.ones(c), n).T.reshape(c, 40, 60).astype(np.float32)
-    neg = unary_rows(probs, 1.0, pad_to=8)
+    neg = unary_rows(probs, 1.0)
     q = np.zeros_like(neg)
     nk.softmax_rows(neg, c, q, False)
     got = np.empty((c, n), np.float32)
@@ -326,5 +365,5 @@ print(json.dumps({"seconds": time.perf_counter() - start, "stats": {n: [sum(h.va
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     used = {name: hm for name, hm in report["stats"].items() if hm != [0, 0]}
-    assert {"locate", "insert_vertices", "mean_field", "softmax_rows"} <= set(used), report
+    assert {"locate", "insert_vertices", "mean_field", "unary_from_probs"} <= set(used), report
     assert all(misses == 0 and hits > 0 for hits, misses in used.values()), report

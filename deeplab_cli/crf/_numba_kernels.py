@@ -30,7 +30,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._simd import LANES, hmax, hsum, load8, splat8, store8, vadd, vdiv, vexp, vmax, vmul, vsub
+from ._simd import LANES, hmax, hsum, load8, splat8, store8, vadd, vdiv, vexp, vlog, vmax, vmul, vsub
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     # GNU OpenMP (numba's default layer on Linux) breaks a fork()ed child that runs parallel code after
@@ -121,7 +121,7 @@ def _hash(keys: np.ndarray, row: int) -> np.uint64:
     return _mix(h)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rehash(keys: np.ndarray, m: int, capacity: int) -> np.ndarray:
     table = np.full(capacity, -1, np.int32)
     mask = np.uint64(capacity - 1)
@@ -149,7 +149,7 @@ def _vertex_is_corner(keys: np.ndarray, e: int, rem0: np.ndarray, rank: np.ndarr
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def insert_vertices(rem0: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Number the simplex corners of all points in order of first use (densecrf's hash-table order).
 
@@ -338,8 +338,9 @@ def _scatter(
 
     Every vertex sums its pixels in densecrf's order (bit-identical sums); one pass over contiguous
     pixel rows, the ~M x C vertex values staying in cache (4x faster than gathering rows per vertex).
-    A pixel's d+1 corners are distinct vertices, so the corners can be the inner loop: each 8 labels
-    of ``q[p] * norm[p]`` are computed once and stay in a register.
+    Labels go 24 at a time: their ``q[p] * norm[p]`` stays in three registers while each corner's row is
+    updated (a pixel's corners are distinct vertices), which amortises loading the corner's vertex and
+    weight over three vectors (~1.6x faster than a vector at a time).
     """
     n, k1 = offsets.shape
     c = q.shape[1]
@@ -351,11 +352,19 @@ def _scatter(
     for p in range(n):
         nm = splat8(norm[p])
         src = q[p]
-        for j in range(0, c, LANES):
-            x = vmul(load8(src, j), nm)
+        for j in range(0, c, 3 * LANES):
+            vectors = min(3, (c - j) // LANES)
+            x0 = vmul(load8(src, j), nm)
+            x1 = vmul(load8(src, j + LANES), nm) if vectors > 1 else x0
+            x2 = vmul(load8(src, j + 2 * LANES), nm) if vectors > 2 else x0
             for r in range(k1):
                 dst = vals[offsets[p, r]]
-                store8(dst, j, vadd(load8(dst, j), vmul(splat8(bary[p, r]), x)))
+                w = splat8(bary[p, r])
+                store8(dst, j, vadd(load8(dst, j), vmul(w, x0)))
+                if vectors > 1:
+                    store8(dst, j + LANES, vadd(load8(dst, j + LANES), vmul(w, x1)))
+                if vectors > 2:
+                    store8(dst, j + 2 * LANES, vadd(load8(dst, j + 2 * LANES), vmul(w, x2)))
 
 
 @njit(cache=True, inline="always")
@@ -520,16 +529,60 @@ def mean_field(
 
 
 @njit(cache=True, parallel=True)
-def rows_from_planes(planes: np.ndarray, out: np.ndarray, negate: bool) -> None:
-    """``out[p, :C] = planes[:, p]`` (negated if asked; C x N -> N x C', padding left alone), in tiles."""
+def unary_from_probs(
+    planes: np.ndarray, unary_scale: np.float32, floor: np.float32, out: np.ndarray, start: np.ndarray
+) -> None:
+    """``-U`` rows of C x N probability planes, ``unary_scale * log(max(p, floor))``, and their softmax.
+
+    ``out`` and ``start`` are N x C' rows (C' a multiple of 8; ``out``'s padding is set to zero); ``start``
+    gets the softmax of each row (the mean field's first Q; pass 0 rows to skip it). One pass: 8 pixels
+    of a plane at a time through the vector log (:func:`._simd.vlog`, within 1 ulp), transposed into the
+    rows of a tile of pixels, then each row's softmax while it is in cache.
+    """
+    c, n = planes.shape
+    width = out.shape[1]
+    masks = padding_masks(c, width)
+    with_start = start.shape[0] > 0
+    scale = splat8(unary_scale)
+    low = splat8(floor)
+    n_blocks = (n + BLOCK - 1) // BLOCK
+    for b in prange(n_blocks):
+        tile = np.empty((c, SUB), np.float32)
+        tail = np.empty(LANES, np.float32)
+        scratch = np.empty(width, np.float32)
+        end = min(n, (b + 1) * BLOCK)
+        for p0 in range(b * BLOCK, end, SUB):
+            count = min(SUB, end - p0)
+            for ch in range(c):
+                plane, row = planes[ch], tile[ch]
+                for k in range(0, count, LANES):
+                    if k + LANES <= count:
+                        x = load8(plane, p0 + k)
+                    else:  # the last pixels: a partial vector, padded with the floor
+                        for lane in range(LANES):
+                            tail[lane] = plane[p0 + k + lane] if k + lane < count else floor
+                        x = load8(tail, 0)
+                    store8(row, k, vmul(scale, vlog(vmax(x, low))))
+            for k in range(count):
+                row = out[p0 + k]
+                for ch in range(c):
+                    row[ch] = tile[ch, k]
+                for ch in range(c, width):
+                    row[ch] = np.float32(0.0)
+                if with_start:
+                    _softmax_into(row, c, masks, start, p0 + k, False, scratch)
+
+
+@njit(cache=True, parallel=True)
+def rows_from_planes(planes: np.ndarray, out: np.ndarray) -> None:
+    """``out[p, :C] = planes[:, p]`` (C x N -> N x C', padding left alone)."""
     c, n = planes.shape
     n_blocks = (n + BLOCK - 1) // BLOCK
-    sign = np.float32(-1.0) if negate else np.float32(1.0)
     for b in prange(n_blocks):
         for p in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
             row = out[p]
             for ch in range(c):
-                row[ch] = planes[ch, p] * sign if negate else planes[ch, p]
+                row[ch] = planes[ch, p]
 
 
 @njit(cache=True, parallel=True)
@@ -546,6 +599,7 @@ def unary_from_logits(
     unary_scale: np.float32,
     log_floor: np.float32,
     out: np.ndarray,
+    start: np.ndarray,
 ) -> None:
     """``-U`` rows straight from the network's logits: bilinear resampling, log-softmax, floor, scale.
 
@@ -554,7 +608,8 @@ def unary_from_logits(
     same float32 operations as its dense resampling). Row ``y * W + x`` of ``out`` gets
     ``unary_scale * max(log softmax(v), log_floor)`` for the resampled scores ``v`` of output pixel
     (y, x): the ``-U`` of ``U = -unary_scale log(max(p, floor))``, with one ``log`` per pixel instead of
-    an ``exp`` and a ``log`` per class and pixel, and no C x H x W probabilities in between.
+    an ``exp`` and a ``log`` per class and pixel, and no C x H x W probabilities in between. ``start``
+    (N x C' rows, or 0 rows to skip it) gets each row's softmax: the mean field's first Q.
     """
     c = logit_rows.shape[1]
     height, width = y0.size, x0.size
@@ -563,11 +618,13 @@ def unary_from_logits(
     one = np.float32(1.0)
     scale = splat8(unary_scale)
     floor = splat8(log_floor)
+    with_start = start.shape[0] > 0
     for y in prange(height):
         top_y, bottom_y = y0[y] * width_in, y1[y] * width_in
         wy = splat8(fy[y])
         wy_ = splat8(one - fy[y])
         scores = np.empty(c, np.float32)
+        scratch = np.empty(c, np.float32)
         for x in range(width):
             wx = splat8(fx[x])
             wx_ = splat8(one - fx[x])
@@ -588,6 +645,8 @@ def unary_from_logits(
                 log_p = vsub(vsub(load8(scores, j), shift), log_total)
                 v = vmul(scale, vmax(log_p, floor))
                 store8(row, j, vmul(v, load8(masks[1], 0)) if j == last else v)
+            if with_start:
+                _softmax_into(row, n_classes, masks, start, y * width + x, False, scratch)
 
 
 @njit(cache=True)

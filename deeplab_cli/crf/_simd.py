@@ -197,3 +197,52 @@ def vexp(typingctx, x):  # noqa: ANN001, ANN201
         return fmul(e, scale)
 
     return float32x8(x), codegen
+
+
+# Cephes' single-precision log: x = m 2**e with m in [sqrt(1/2), sqrt(2)), log(x) = log(m) + e ln 2, with
+# a degree-8 polynomial for log(1 + (m - 1)) and ln 2 split in two parts (~1 ulp).
+_SQRT_HALF = 0.707106781186547524
+_LOG_POLY = (
+    7.0376836292e-2,
+    -1.1514610310e-1,
+    1.1676998740e-1,
+    -1.2420140846e-1,
+    1.4249322787e-1,
+    -1.6668057665e-1,
+    2.0000714765e-1,
+    -2.4999993993e-1,
+    3.3333331174e-1,
+)
+
+
+@intrinsic
+def vlog(typingctx, x):  # noqa: ANN001, ANN201
+    """Lane-wise natural log of positive normal floats (the unary's ``log(max(p, 1e-8))``), Cephes'
+    polynomial; zero, negative, subnormal, infinite or NaN lanes give meaningless values."""
+    if x != float32x8:
+        raise errors.TypingError(f"vlog needs a float32x8, got {x}")
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        fadd, fmul, fsub = builder.fadd, builder.fmul, builder.fsub
+        ints = ir.VectorType(ir.IntType(32), LANES)
+
+        def int_lanes(value: int) -> ir.Constant:
+            return ir.Constant(ints, [value] * LANES)
+
+        bits = builder.bitcast(args[0], ints)
+        exponent = builder.sub(builder.lshr(bits, int_lanes(23)), int_lanes(126))  # x = m 2**e, m in [1/2, 1)
+        mantissa = builder.or_(builder.and_(bits, int_lanes(0x007FFFFF)), int_lanes(0x3F000000))
+        m = builder.bitcast(mantissa, _VECTOR)
+        small = builder.fcmp_ordered("<", m, _splat_constant(_SQRT_HALF))  # then use 2m and e - 1
+        e = builder.sitofp(builder.sub(exponent, builder.zext(small, ints)), _VECTOR)
+        v = fsub(builder.select(small, fadd(m, m), m), _splat_constant(1.0))
+        z = fmul(v, v)
+        y = _splat_constant(_LOG_POLY[0])
+        for coefficient in _LOG_POLY[1:]:
+            y = fadd(fmul(y, v), _splat_constant(coefficient))
+        y = fmul(fmul(y, v), z)
+        y = fadd(y, fmul(e, _splat_constant(_LN2_LO)))
+        y = fadd(y, fmul(z, _splat_constant(-0.5)))
+        return fadd(fadd(v, y), fmul(e, _splat_constant(_LN2_HI)))
+
+    return float32x8(x), codegen

@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, partial
+from typing import TypeVar
 
 import numpy as np
 
@@ -38,6 +39,8 @@ __all__ = [
     "clear_cache",
 ]
 
+R = TypeVar("R")
+S = TypeVar("S")
 _LOCK = threading.RLock()
 _POS_CACHE: OrderedDict[tuple[int, int, float], NumbaLattice] = OrderedDict()
 _POS_CACHE_SIZE = 4
@@ -89,6 +92,17 @@ def _scale_factors(d: int) -> np.ndarray:
 
 def build_lattice(features: np.ndarray) -> NumbaLattice:
     """The lattice of N x d float32 features (already divided by the kernel's stds), with its normaliser."""
+    return _build_lattice_beside(features, lambda: None)[0]
+
+
+def _build_lattice_beside(features: np.ndarray, beside: Callable[[], R]) -> tuple[NumbaLattice, R]:
+    """:func:`build_lattice`, calling ``beside()`` meanwhile; returns the lattice and what it returned.
+
+    The vertex insertion is the one serial step of the build (densecrf's numbering is the order of first
+    use); with two or more numba threads it runs on a helper thread (the kernel releases the GIL) while
+    this thread runs ``beside`` (parallel kernels allowed) on one numba thread fewer, so that a second
+    core is not left idle for those ~20 ms per VOC image.
+    """
     from . import _numba_kernels as nk
 
     features = np.ascontiguousarray(features, dtype=np.float32)
@@ -98,12 +112,45 @@ def build_lattice(features: np.ndarray) -> NumbaLattice:
     bary = np.empty((n, d + 1), np.float32)
     with _LOCK:
         nk.locate(features, _scale_factors(d), rem0, rank, bary)
-        offsets, keys, table = nk.insert_vertices(rem0, rank)
+        (offsets, keys, table), result = _side_by_side(partial(nk.insert_vertices, rem0, rank), beside)
         del rem0, rank
         nbr = nk.blur_neighbours(keys, table)
         ones = nk.filter_ones(offsets, bary, nbr)
     norm = (1.0 / np.sqrt(ones.astype(np.float64) + 1e-20)).astype(np.float32)
-    return NumbaLattice(d, offsets, bary, nbr, norm)
+    return NumbaLattice(d, offsets, bary, nbr, norm), result
+
+
+def _side_by_side(serial: Callable[[], S], beside: Callable[[], R]) -> tuple[S, R]:
+    """``(serial(), beside())``: ``serial`` (a GIL-releasing, non-parallel kernel) on a helper thread and
+    ``beside`` here with one numba thread fewer, when this thread has two or more; else one after the
+    other. Only this thread launches parallel kernels (the workqueue layer is not reentrant)."""
+    import numba
+
+    threads = numba.get_num_threads()
+    if threads < 2:
+        return serial(), beside()
+    done: list[S] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            done.append(serial())
+        except BaseException as exc:  # handed to the caller's thread below
+            failed.append(exc)
+
+    helper = threading.Thread(target=run, name="deeplab-crf-lattice", daemon=True)
+    helper.start()
+    try:
+        numba.set_num_threads(threads - 1)  # per thread: the helper's core is taken
+        try:
+            result = beside()
+        finally:
+            numba.set_num_threads(threads)
+    finally:
+        helper.join()
+    if failed:
+        raise failed[0]
+    return done[0], result
 
 
 def positional_features(h: int, w: int, std: float) -> np.ndarray:
@@ -158,31 +205,48 @@ def _num_threads(threads: int | None) -> Iterator[None]:
         numba.set_num_threads(before)
 
 
-def unary_rows(probs: np.ndarray, unary_scale: float, pad_to: int = 1) -> np.ndarray:
-    """``-U`` as N x C' float32 rows, ``U = -unary_scale * log(max(p, 1e-8))`` computed as the pydensecrf
-    backend does (same float32 operations); C' is C rounded up to a multiple of ``pad_to`` (zeros)."""
+def unary_rows(probs: np.ndarray, unary_scale: float) -> np.ndarray:
+    """``-U`` as N x C' float32 rows (C' = C padded to whole vectors with zeros) for C x H x W ``probs``,
+    ``U = -unary_scale * log(max(p, 1e-8))`` as the pydensecrf backend computes it (to within 1 ulp of
+    its log: a vector log)."""
+    c = probs.shape[0]
+    neg = np.empty((probs[0].size, _padded(c)), np.float32)
+    _unary_from_probs(probs, unary_scale, neg, neg[:0])
+    return neg
+
+
+def _padded(c: int) -> int:
+    return -(-c // LABEL_PAD) * LABEL_PAD
+
+
+def _unary_from_probs(probs: np.ndarray, unary_scale: float, neg: np.ndarray, start: np.ndarray) -> None:
+    """Fill ``neg`` with the ``-U`` rows of ``probs`` and ``start`` (0 rows: skipped) with their softmax."""
     from . import _numba_kernels as nk
 
-    c = probs.shape[0]
-    unary = np.maximum(probs.reshape(c, -1), PROB_FLOOR)
-    np.log(unary, out=unary)
-    unary *= -unary_scale
-    out = np.zeros((unary.shape[1], -(-c // pad_to) * pad_to), np.float32)
-    nk.rows_from_planes(unary, out, True)
-    return out
+    planes = np.ascontiguousarray(probs.reshape(probs.shape[0], -1), dtype=np.float32)
+    nk.unary_from_probs(planes, np.float32(unary_scale), np.float32(PROB_FLOOR), neg, start)
 
 
 def lattices_for(image: np.ndarray, params: CRFParams) -> tuple[list[NumbaLattice], list[float]]:
     """The kernels' lattices in densecrf's order (smoothness first), with their Potts weights."""
+    lattices, weights, _ = _lattices_beside(image, params, lambda: None)
+    return lattices, weights
+
+
+def _lattices_beside(
+    image: np.ndarray, params: CRFParams, beside: Callable[[], R]
+) -> tuple[list[NumbaLattice], list[float], R]:
+    """:func:`lattices_for`, with ``beside()`` run during the appearance lattice's serial insertion."""
     h, w, _ = image.shape
     lattices, weights = [], []
     if params.pos_w > 0:
         lattices.append(_positional_lattice(h, w, params.pos_xy_std))
         weights.append(params.pos_w)
-    if params.bi_w > 0:
-        lattices.append(build_lattice(bilateral_features(image, params.bi_xy_std, params.bi_rgb_std)))
-        weights.append(params.bi_w)
-    return lattices, weights
+    if params.bi_w <= 0:
+        return lattices, weights, beside()
+    features = bilateral_features(image, params.bi_xy_std, params.bi_rgb_std)
+    lattice, result = _build_lattice_beside(features, beside)
+    return [*lattices, lattice], [*weights, params.bi_w], result
 
 
 def refine_numba(
@@ -201,8 +265,7 @@ def refine_numba(
     if probs.shape[0] == 1:
         return np.ones_like(probs)
     with _LOCK, _num_threads(threads):
-        neg = unary_rows(probs, params.unary_scale, pad_to=LABEL_PAD)
-        return _refine_unary(image, neg, probs.shape[0], params)
+        return _refine(image, partial(_unary_from_probs, probs, params.unary_scale), probs.shape[0], params)
 
 
 Taps = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -235,13 +298,16 @@ def refine_numba_logits(
             raise CRFInputError(f"CRF resampling taps fall outside the {h}x{w} logits")
     if c == 1:
         return np.ones((1, *image.shape[:2]), np.float32)
-    with _LOCK, _num_threads(threads):
-        rows = np.zeros((h * w, -(-c // LABEL_PAD) * LABEL_PAD), np.float32)
-        nk.rows_from_planes(logits.reshape(c, -1), rows, False)
-        neg = np.empty((y0.size * x0.size, rows.shape[1]), np.float32)
+
+    def unary(neg: np.ndarray, start: np.ndarray) -> None:
+        rows = np.zeros((h * w, _padded(c)), np.float32)
+        nk.rows_from_planes(logits.reshape(c, -1), rows)
         floor = np.log(np.float32(PROB_FLOOR))
-        nk.unary_from_logits(rows, w, y0, y1, fy, x0, x1, fx, c, np.float32(params.unary_scale), floor, neg)
-        return _refine_unary(image, neg, c, params)
+        scale = np.float32(params.unary_scale)
+        nk.unary_from_logits(rows, w, y0, y1, fy, x0, x1, fx, c, scale, floor, neg, start)
+
+    with _LOCK, _num_threads(threads):
+        return _refine(image, unary, c, params)
 
 
 def _checked(params: CRFParams | None) -> CRFParams:
@@ -251,18 +317,26 @@ def _checked(params: CRFParams | None) -> CRFParams:
     return params
 
 
-def _refine_unary(image: np.ndarray, neg: np.ndarray, c: int, params: CRFParams) -> np.ndarray:
-    """The mean field from ``-U`` rows (N x C', padding zero); C x H x W probabilities. Holds the lock."""
+UnaryFill = Callable[[np.ndarray, np.ndarray], None]
+
+
+def _refine(image: np.ndarray, unary: UnaryFill, c: int, params: CRFParams) -> np.ndarray:
+    """The mean field from the unary; C x H x W probabilities. Holds the lock.
+
+    ``unary(neg, start)`` fills the N x C' rows ``neg`` with ``-U`` (padding zero) and ``start`` with
+    their softmax (the first Q; 0 rows: not wanted). It runs while the lattice's vertices are inserted.
+    """
     from . import _numba_kernels as nk
 
     h, w = image.shape[:2]
     out = np.empty((c, h * w), np.float32)
-    lattices, weights = lattices_for(image, params) if params.iterations > 0 else ([], [])
-    if not lattices:  # no iterations (or no kernel weight): the softmax of the unary
+    neg = np.empty((h * w, _padded(c)), np.float32)
+    if params.iterations == 0 or (params.pos_w <= 0 and params.bi_w <= 0):  # the softmax of the unary
+        unary(neg, neg[:0])
         nk.softmax_rows(neg, c, out, True)
         return out.reshape(c, h, w)
-    q = np.zeros_like(neg)  # the padding columns stay zero
-    nk.softmax_rows(neg, c, q, False)
+    q = np.empty_like(neg)
+    lattices, weights, _ = _lattices_beside(image, params, partial(unary, neg, q))
     first, second = lattices[0], lattices[-1]
     nk.mean_field(
         neg, q, params.iterations, len(lattices), np.array(weights, np.float32),
