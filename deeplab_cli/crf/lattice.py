@@ -220,7 +220,8 @@ def build_lattice(features: torch.Tensor, groups: torch.Tensor | None = None) ->
     """
     if features.ndim != 2 or features.shape[1] < 1:
         raise ValueError(f"features must be N x d with d >= 1, got shape {tuple(features.shape)}")
-    features = features.to(torch.float32).contiguous()
+    n_points = features.shape[0]
+    features, groups = _with_densecrf_padding(features.to(torch.float32).contiguous(), groups)
     n, d = features.shape
     k1 = d + 1
     device = features.device
@@ -283,14 +284,35 @@ def build_lattice(features: torch.Tensor, groups: torch.Tensor | None = None) ->
     new_label[m] = m
     simplex_offsets = torch.empty_like(flat)
     simplex_offsets[perm] = new_label[vertex_of_sorted]
-    offsets = simplex_offsets.view(u, k1)[simplex_of_point]
+    offsets = simplex_offsets.view(u, k1)[simplex_of_point[:n_points]]  # padding points: vertices only
     moved = torch.empty_like(neighbours)
     moved[:, :, new_label[:m]] = new_label[neighbours]
     return Lattice(
         d=d,
-        n_points=n,
+        n_points=n_points,
         n_vertices=m,
         offsets=offsets,
-        weights=bary,
+        weights=bary[:n_points],
         neighbours=moved,
+    )
+
+
+def _with_densecrf_padding(
+    features: torch.Tensor, groups: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The points plus, for each group whose size is not a multiple of 4, one all-zero point of that
+    group, appended: densecrf's x86 lattice build locates points four at a time and inserts the
+    vertices of the zero padding of the last four too (see ``numba_backend.SSE_BLOCK``)."""
+    d = features.shape[1]
+    if groups is None:
+        if features.shape[0] % 4 == 0:
+            return features, None
+        return torch.cat([features, features.new_zeros(1, d)]), None
+    counts = torch.bincount(groups.to(torch.int64))
+    padded = torch.nonzero(counts % 4).flatten().to(groups.device)
+    if not padded.numel():
+        return features, groups
+    return (
+        torch.cat([features, features.new_zeros(padded.numel(), d)]),
+        torch.cat([groups, padded.to(groups.dtype)]),
     )

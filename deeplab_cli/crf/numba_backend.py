@@ -45,6 +45,11 @@ _LOCK = threading.RLock()
 _POS_CACHE: OrderedDict[tuple[int, int, float], NumbaLattice] = OrderedDict()
 _POS_CACHE_SIZE = 4
 LABEL_PAD = 8  # label vectors are padded to whole AVX vectors (24 floats for 21 labels)
+# densecrf's lattice build on x86 (its SSE path, in pydensecrf and in DeepLab's Caffe alike) locates points
+# four at a time and pads the last group with all-zero features, whose simplex corners it inserts too:
+# when N is not a multiple of 4 the lattice has the origin's vertices (if no point has them already),
+# which take part in the blur. We insert that point after the real ones, as it does.
+SSE_BLOCK = 4
 
 
 @lru_cache(maxsize=1)
@@ -107,13 +112,15 @@ def _build_lattice_beside(features: np.ndarray, beside: Callable[[], R]) -> tupl
 
     features = np.ascontiguousarray(features, dtype=np.float32)
     n, d = features.shape
-    rem0 = np.empty((n, d + 1), np.int32)
-    rank = np.empty((n, d + 1), np.int32)
-    bary = np.empty((n, d + 1), np.float32)
+    if n % SSE_BLOCK:  # densecrf's padding point, see SSE_BLOCK
+        features = np.concatenate([features, np.zeros((1, d), np.float32)])
+    rem0, rank = np.empty((2, len(features), d + 1), np.int32)
+    bary = np.empty((len(features), d + 1), np.float32)
     with _LOCK:
         nk.locate(features, _scale_factors(d), rem0, rank, bary)
         (offsets, keys, table), result = _side_by_side(partial(nk.insert_vertices, rem0, rank), beside)
         del rem0, rank
+        offsets, bary = offsets[:n], bary[:n]  # the padding point splats and slices nothing
         nbr = nk.blur_neighbours(keys, table)
         ones = nk.filter_ones(offsets, bary, nbr)
     norm = (1.0 / np.sqrt(ones.astype(np.float64) + 1e-20)).astype(np.float32)
