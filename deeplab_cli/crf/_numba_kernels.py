@@ -231,32 +231,53 @@ def blur_neighbours(keys: np.ndarray, table: np.ndarray) -> np.ndarray:
     ``u`` has one previous vertex, so no two threads write the same entry.
     """
     m, d = keys.shape
-    k1 = d + 1
-    out = np.full((k1, m, 2), _MISSING, np.int32)
-    power, every = _hash_powers(d)
-    mask = np.uint64(table.size - 1)
+    out = np.full((d + 1, m, 2), _MISSING, np.int32)
     n_blocks = (m + BLOCK - 1) // BLOCK
     for b in prange(n_blocks):
-        for v in range(b * BLOCK, min(m, (b + 1) * BLOCK)):
-            plus_one = every  # unmixed hash of keys[v] + 1 (see _hash: linear in the keys)
-            for i in range(d):
-                plus_one += np.uint64(np.int64(keys[v, i])) * power[i]
-            for j in range(k1):
-                # axis j: +1 on every coordinate but the j-th, which takes -d (+1 - (d+1))
-                h = _mix(plus_one - np.uint64(k1) * power[j] if j < d else plus_one) & mask
-                u = _MISSING
-                while True:
-                    e = table[h]
-                    if e < 0:
-                        break
-                    if _is_step(keys, e, v, j):
-                        u = e
-                        break
-                    h = (h + np.uint64(1)) & mask
-                out[j, v, 1] = u
-                if u >= 0:
-                    out[j, u, 0] = v
+        _neighbours_of(keys, table, b * BLOCK, min(m, (b + 1) * BLOCK), out)
     return out
+
+
+@njit(cache=True, nogil=True)
+def vertices_serially(
+    rem0: np.ndarray, rank: np.ndarray, bary: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`insert_vertices`, then the blur neighbours and ``K 1`` (:func:`filter_ones`) on this thread
+    alone, the GIL released: ``offsets``, ``nbr`` and ``ones`` for a helper thread (see
+    ``numba_backend._build_lattice_beside``)."""
+    offsets, keys, table = insert_vertices(rem0, rank)
+    m, d = keys.shape
+    nbr = np.full((d + 1, m, 2), _MISSING, np.int32)
+    _neighbours_of(keys, table, 0, m, nbr)
+    return offsets, nbr, filter_ones(offsets[: len(bary)], bary, nbr)
+
+
+@njit(cache=True, inline="always")
+def _neighbours_of(keys: np.ndarray, table: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
+    """:func:`blur_neighbours` of the vertices ``start`` to ``stop``."""
+    d = keys.shape[1]
+    k1 = d + 1
+    power, every = _hash_powers(d)
+    mask = np.uint64(table.size - 1)
+    for v in range(start, stop):
+        plus_one = every  # unmixed hash of keys[v] + 1 (see _hash: linear in the keys)
+        for i in range(d):
+            plus_one += np.uint64(np.int64(keys[v, i])) * power[i]
+        for j in range(k1):
+            # axis j: +1 on every coordinate but the j-th, which takes -d (+1 - (d+1))
+            h = _mix(plus_one - np.uint64(k1) * power[j] if j < d else plus_one) & mask
+            u = _MISSING
+            while True:
+                e = table[h]
+                if e < 0:
+                    break
+                if _is_step(keys, e, v, j):
+                    u = e
+                    break
+                h = (h + np.uint64(1)) & mask
+            out[j, v, 1] = u
+            if u >= 0:
+                out[j, u, 0] = v
 
 
 @njit(cache=True, inline="always")
@@ -269,7 +290,7 @@ def _is_step(keys: np.ndarray, e: int, v: int, j: int) -> bool:
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _hash_powers(d: int) -> tuple[np.ndarray, np.uint64]:
     """``MUL**(d-i)`` for i < d (coordinate i's factor in the unmixed hash, see :func:`_hash`) and their
     sum (the unmixed hash of +1 on every coordinate)."""
@@ -305,7 +326,7 @@ def splat_lists(offsets: np.ndarray, bary: np.ndarray, m: int) -> tuple[np.ndarr
     return ptr, pix, wts
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def filter_ones(offsets: np.ndarray, bary: np.ndarray, nbr: np.ndarray) -> np.ndarray:
     """``K 1`` as densecrf computes the normaliser (its scalar path: blur in double, slice (w v) alpha)."""
     n, k1 = offsets.shape
@@ -576,7 +597,7 @@ def mean_field(
                     _softmax_into(q[p], n_classes, masks, out if last else q, p, last, scratch)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def unary_from_probs(
     planes: np.ndarray, unary_scale: np.float32, floor: np.float32, out: np.ndarray, start: np.ndarray
 ) -> None:
@@ -621,7 +642,7 @@ def unary_from_probs(
                     _softmax_into(row, c, masks, start, p0 + k, False, scratch)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def rows_from_planes(planes: np.ndarray, out: np.ndarray) -> None:
     """``out[p, :C] = planes[:, p]`` (C x N -> N x C', padding left alone)."""
     c, n = planes.shape
@@ -633,7 +654,7 @@ def rows_from_planes(planes: np.ndarray, out: np.ndarray) -> None:
                 row[ch] = planes[ch, p]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def unary_from_logits(
     logit_rows: np.ndarray,
     width_in: int,
