@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -154,6 +155,30 @@ def test_thread_count_does_not_change_the_result(samples) -> None:
     np.testing.assert_array_equal(one, two)
     with pytest.raises(ValueError, match="threads"):
         refine_numba(image, probs, LARGEFOV, threads=-1)
+
+
+def test_more_threads_than_two_take_the_parallel_lattice_path_with_the_same_result(samples) -> None:
+    """With more than two numba threads the neighbours and the normaliser are found in parallel after the
+    insertion instead of on the helper thread; a process with 3 threads (oversubscribed here) must give
+    the same bits as one thread."""
+    _, image, probs = samples[1]
+    crop, p = image[:97, :131].copy(), np.ascontiguousarray(probs[:, :97, :131])
+    code = """
+import sys, numpy as np
+from deeplab_cli.crf.numba_backend import refine_numba, CRFParams
+image, probs = np.load(sys.argv[1]), np.load(sys.argv[2])
+one = refine_numba(image, probs, CRFParams(iterations=3), threads=1)
+three = refine_numba(image, probs, CRFParams(iterations=3), threads=3)
+print(np.array_equal(one, three), float(np.abs(one - three).max()))
+"""
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(f"{tmp}/image.npy", crop)
+        np.save(f"{tmp}/probs.npy", p)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "NUMBA_NUM_THREADS": "3"}
+        argv = [sys.executable, "-c", code, f"{tmp}/image.npy", f"{tmp}/probs.npy"]
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[0] == "True", done.stdout
 
 
 def test_an_error_beside_the_vertex_insertion_reaches_the_caller() -> None:
