@@ -3,7 +3,8 @@
 A real 500x375 VOC image with the default model's probabilities (21 classes; ``--synthetic``: a smoothed
 random field instead), 10 iterations, DeepLab-LargeFOV parameters. The backends run interleaved, so that
 machine load affects them alike; medians of wall time and of process CPU time (``time.process_time``:
-all threads of this process) and the ratios to pydensecrf (lower is better) are printed, then the
+all threads of this process) and the ratios to pydensecrf (lower is better) are printed, both the ratio
+of the medians and the median of each round's ratio (the steadier one on a drifting machine), then the
 lattice build time alone, 151 classes (ADE20K) and one 2048x1024 frame (Cityscapes size, 19 classes).
 "numba 1 thread" shows the per-core gain; "numba" uses all of numba's threads (``--threads``). The
 machine's load average is printed with each table: on a shared machine, quote it with the numbers.
@@ -71,23 +72,32 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
-def interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
-    """Median (wall, cpu) per case over ``repeats`` rounds, each round running every case once."""
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
+Runs = dict[str, list[tuple[float, float]]]
+
+
+def interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> Runs:
+    """(wall, cpu) of every case in each of ``repeats`` rounds, each round running every case once."""
+    runs: Runs = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
             runs[name].append(timed(fn))
-    return {
-        n: (statistics.median(w for w, _ in r), statistics.median(c for _, c in r)) for n, r in runs.items()
-    }
+    return runs
 
 
-def table(title: str, medians: dict[str, tuple[float, float]], ref: str | None) -> None:
+def table(title: str, runs: Runs, ref: str | None) -> None:
+    """Medians per case and, against ``ref``, the ratio of the medians and the median of the per-round
+    ratios (each case against the reference of its own round: robust to the machine's drift)."""
     print(f"\n{title}, load average after: {os.getloadavg()[0]:.1f}")
-    print(f"  {'backend':24s} {'wall ms':>9s} {'cpu ms':>9s} {'wall ratio':>10s} {'cpu ratio':>9s}")
-    base = medians.get(ref) if ref else None
-    for name, (wall, cpu) in medians.items():
-        ratios = f"{wall / base[0]:10.2f} {cpu / base[1]:9.2f}" if base else ""
+    header = f"  {'backend':24s} {'wall ms':>9s} {'cpu ms':>9s} {'wall ratio':>10s} {'cpu ratio':>9s}"
+    print(header + (f" {'per-round wall':>14s}" if ref else ""))
+    base = runs.get(ref) if ref else None
+    for name, rounds in runs.items():
+        wall, cpu = (statistics.median(x[i] for x in rounds) for i in (0, 1))
+        ratios = ""
+        if base:
+            base_wall, base_cpu = (statistics.median(x[i] for x in base) for i in (0, 1))
+            paired = statistics.median(w / b for (w, _), (b, _) in zip(rounds, base, strict=True))
+            ratios = f"{wall / base_wall:10.2f} {cpu / base_cpu:9.2f} {paired:14.2f}"
         print(f"  {name:24s} {wall * 1000:9.1f} {cpu * 1000:9.1f} {ratios}")
 
 
@@ -145,7 +155,8 @@ def main() -> None:
         nb.clear_cache()
         nb.lattices_for(image, LARGEFOV)
 
-    wall, cpu = interleaved({"lattices": lattices}, args.repeats)["lattices"]
+    rounds = interleaved({"lattices": lattices}, args.repeats)["lattices"]
+    wall, cpu = (statistics.median(x[i] for x in rounds) for i in (0, 1))
     print(f"\nlattice build alone (both kernels): wall {wall * 1000:.1f} ms, cpu {cpu * 1000:.1f} ms")
     if args.no_large:
         return
