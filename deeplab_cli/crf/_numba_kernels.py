@@ -7,7 +7,7 @@ to the last bits of ``exp`` and of the softmax sum:
 * lattice: elevation, rounding half to even, ranking (same tie-breaks), barycentric weights, and vertices
   numbered in order of first use by the pixels (the hash-table order densecrf gets), with 32-bit keys
   instead of 16-bit ones (no overflow on large images); like densecrf's x86 build, the vertices of an
-  all-zero padding point follow when N is not a multiple of 4 (see ``numba_backend.SSE_BLOCK``);
+  all-zero padding point follow when N is not a multiple of 4 (see ``params.LATTICE_POINT_BLOCK``);
 * splat as densecrf's serial scatter in pixel order (bit-identical sums); the two kernels' splats run on
   two threads side by side (the first kernel's blur follows its splat on the same thread, while the
   second kernel, twice the corners, is still splatting), so no sum depends on the thread count;

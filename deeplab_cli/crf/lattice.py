@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Lattice", "build_lattice", "csr"]
+from .params import LATTICE_POINT_BLOCK
 
-_DENSECRF_BLOCK = 4  # points densecrf locates at once (SSE), padding the last group with zeros
+__all__ = ["Lattice", "build_lattice", "csr"]
 
 
 def csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -304,14 +304,14 @@ def _with_densecrf_padding(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The points plus, for each group whose size is not a multiple of 4, one all-zero point of that
     group, appended: densecrf's x86 lattice build locates points four at a time and inserts the
-    vertices of the zero padding of the last four too (the numba backend does the same)."""
+    vertices of the zero padding of the last four too (see :data:`.params.LATTICE_POINT_BLOCK`)."""
     d = features.shape[1]
     if groups is None:
-        if features.shape[0] % _DENSECRF_BLOCK == 0:
+        if features.shape[0] % LATTICE_POINT_BLOCK == 0:
             return features, None
         return torch.cat([features, features.new_zeros(1, d)]), None
     counts = torch.bincount(groups.to(torch.int64))
-    padded = torch.nonzero(counts % _DENSECRF_BLOCK).flatten().to(groups.device)
+    padded = torch.nonzero(counts % LATTICE_POINT_BLOCK).flatten().to(groups.device)
     if not padded.numel():
         return features, groups
     return (

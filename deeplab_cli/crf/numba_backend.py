@@ -4,8 +4,10 @@ Same maths and float32 rounding order as pydensecrf (Krähenbühl's C++; see :mo
 results agree with pydensecrf to a few 1e-6. The lattice is built once per image and kernel (the
 smoothness kernel's is cached per image size), neighbour indices are precomputed, label vectors are
 contiguous and padded to whole SIMD vectors; the splat is a serial scatter in pixel order (the two
-kernels on two threads), blur and slice + softmax run on all of numba's threads (vertices, pixels). Per
-core it does less than half of pydensecrf's work (see benchmarks/bench_crf.py for the measured ratios).
+kernels on two threads, the smoothness kernel's blur after its splat), the appearance blur and slice +
+softmax run on all of numba's threads (vertices, pixels). The lattice's serial vertex insertion runs on
+a helper thread while the unary is made. Per core it does less than half of pydensecrf's work (see
+benchmarks/bench_crf.py for the measured ratios).
 
 The kernels are compiled on first use (``cache=True``): ~15 s on an idle 16-core machine, up to a minute
 on a busy small one, once per machine and numba version. The code is written next to the module
@@ -28,7 +30,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from .params import PROB_FLOOR, CRFParams
+from .params import LATTICE_POINT_BLOCK, PROB_FLOOR, CRFParams
 
 __all__ = [
     "is_available",
@@ -45,11 +47,6 @@ _LOCK = threading.RLock()
 _POS_CACHE: OrderedDict[tuple[int, int, float], NumbaLattice] = OrderedDict()
 _POS_CACHE_SIZE = 4
 LABEL_PAD = 8  # label vectors are padded to whole AVX vectors (24 floats for 21 labels)
-# densecrf's lattice build on x86 (its SSE path, in pydensecrf and in DeepLab's Caffe alike) locates points
-# four at a time and pads the last group with all-zero features, whose simplex corners it inserts too:
-# when N is not a multiple of 4 the lattice has the origin's vertices (if no point has them already),
-# which take part in the blur. We insert that point after the real ones, as it does.
-SSE_BLOCK = 4
 
 
 @lru_cache(maxsize=1)
@@ -116,7 +113,7 @@ def _build_lattice_beside(features: np.ndarray, beside: Callable[[], R]) -> tupl
 
     features = np.ascontiguousarray(features, dtype=np.float32)
     n, d = features.shape
-    if n % SSE_BLOCK:  # densecrf's padding point, see SSE_BLOCK
+    if n % LATTICE_POINT_BLOCK:  # densecrf's padding point, see LATTICE_POINT_BLOCK
         features = np.concatenate([features, np.zeros((1, d), np.float32)])
     rem0, rank = np.empty((2, len(features), d + 1), np.int32)
     bary = np.empty((len(features), d + 1), np.float32)

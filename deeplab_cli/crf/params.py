@@ -17,11 +17,25 @@ from typing import Any
 
 from deeplab_cli.errors import UsageError
 
-__all__ = ["CRFParams", "CRFParamsError", "PARAM_NAMES", "PROB_FLOOR", "load_params", "resolve"]
+__all__ = [
+    "CRFParams",
+    "CRFParamsError",
+    "LATTICE_POINT_BLOCK",
+    "PARAM_NAMES",
+    "PROB_FLOOR",
+    "load_params",
+    "resolve",
+]
 
 # Every backend clips probabilities here before the log: the unary is -unary_scale * log(max(p, 1e-8)),
 # at most 18.4 * unary_scale.
 PROB_FLOOR = 1e-8
+
+# densecrf's lattice build on x86 (its SSE path, in pydensecrf and in DeepLab's Caffe alike) locates points
+# four at a time and pads the last group with all-zero features, whose simplex corners it inserts too:
+# when N is not a multiple of 4 the lattice has the origin's vertices (if no point has them already),
+# which take part in the blur. Every backend's lattice adds that point after the real ones, as it does.
+LATTICE_POINT_BLOCK = 4
 
 
 class CRFParamsError(UsageError, ValueError):
