@@ -588,13 +588,11 @@ def mean_field(
                     if n_kernels > 1:
                         _slice_add(row, acc, p, offsets2, bary2, v2, norm2, w2, alpha2, scalar_path)
                 stop = min(end, p0 + SUB)
-                first = p0
-                if c == 3 * LANES and not last:
-                    for p in range(p0, stop - 1, 2):
-                        _softmax_two_rows_of_24(q[p], q[p + 1], masks)
-                    first = stop - (stop - p0) % 2
-                for p in range(first, stop):
-                    _softmax_into(q[p], n_classes, masks, out if last else q, p, last, scratch)
+                if last:
+                    for p in range(p0, stop):
+                        _softmax_into(q[p], n_classes, masks, out, p, True, scratch)
+                else:
+                    _softmax_rows_into(q, q, p0, stop, n_classes, masks, scratch)
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -606,7 +604,7 @@ def unary_from_probs(
     ``out`` and ``start`` are N x C' rows (C' a multiple of 8; ``out``'s padding is set to zero); ``start``
     gets the softmax of each row (the mean field's first Q; pass 0 rows to skip it). One pass: 8 pixels
     of a plane at a time through the vector log (:func:`._simd.vlog`, within 1 ulp), transposed into the
-    rows of a tile of pixels, then each row's softmax while it is in cache.
+    rows of a tile of pixels, then the tile's softmax while it is in cache.
     """
     c, n = planes.shape
     width = out.shape[1]
@@ -638,8 +636,8 @@ def unary_from_probs(
                     row[ch] = tile[ch, k]
                 for ch in range(c, width):
                     row[ch] = np.float32(0.0)
-                if with_start:
-                    _softmax_into(row, c, masks, start, p0 + k, False, scratch)
+            if with_start:  # after the whole tile: a vector load of a row just stored a label at a time
+                _softmax_rows_into(out, start, p0, p0 + count, c, masks, scratch)  # stalls (3x slower)
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -714,8 +712,8 @@ def unary_from_logits(
                 log_p = vsub(vsub(load8(scores, j), shift), log_total)
                 v = vmul(scale, vmax(log_p, floor))
                 store8(row, j, vmul(v, load8(masks[1], 0)) if j == last else v)
-            if with_start:
-                _softmax_into(row, n_classes, masks, start, y * width + x, False, scratch)
+        if with_start:
+            _softmax_rows_into(out, start, y * width, (y + 1) * width, n_classes, masks, scratch)
 
 
 @njit(cache=True)
@@ -791,6 +789,26 @@ def _softmax_two_rows_of_24(x: np.ndarray, y: np.ndarray, masks: np.ndarray) -> 
     store8(y, 0, vdiv(ey0, ty))
     store8(y, LANES, vdiv(ey1, ty))
     store8(y, 2 * LANES, vdiv(ey2, ty))
+
+
+@njit(cache=True, inline="always")
+def _softmax_rows_into(
+    x: np.ndarray, out: np.ndarray, p0: int, p1: int, n_classes: int, masks: np.ndarray, scratch: np.ndarray
+) -> None:
+    """:func:`_softmax_into` of the rows ``p0`` to ``p1`` of ``x`` into the same rows of ``out`` (``x``
+    itself for in place), two at a time where rows have 24 lanes (:func:`_softmax_two_rows_of_24`, the
+    same bits)."""
+    first = p0
+    if x.shape[1] == 3 * LANES:
+        for p in range(p0, p1 - 1, 2):
+            a, b = out[p], out[p + 1]
+            for j in range(0, 3 * LANES, LANES):
+                store8(a, j, load8(x[p], j))
+                store8(b, j, load8(x[p + 1], j))
+            _softmax_two_rows_of_24(a, b, masks)
+        first = p1 - (p1 - p0) % 2
+    for p in range(first, p1):
+        _softmax_into(x[p], n_classes, masks, out, p, False, scratch)
 
 
 @njit(cache=True, parallel=True)
