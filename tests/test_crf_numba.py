@@ -12,6 +12,7 @@ disk); the last one checks that a fresh process loads them from that cache inste
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -179,6 +180,34 @@ print(np.array_equal(one, three), float(np.abs(one - three).max()))
         done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[0] == "True", done.stdout
+
+
+def _tbb_wheel_installed() -> bool:
+    try:
+        importlib.metadata.distribution("tbb")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and _tbb_wheel_installed()),
+    reason="the tbb wheel is a Linux dependency",
+)
+def test_numba_threads_come_from_tbb_where_its_wheel_is_installed() -> None:
+    """pip puts libtbb off the loader's path; without our loading it numba silently takes its slower
+    workqueue layer (10% of the CRF's wall time on 2 cores)."""
+    code = """
+import numba, numpy as np
+from deeplab_cli.crf.numba_backend import refine_numba
+refine_numba(np.zeros((8, 8, 3), np.uint8), np.full((2, 8, 8), 0.5, np.float32), threads=2)
+print(numba.threading_layer())
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER", "LD_LIBRARY_PATH")}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "tbb", done.stdout
 
 
 def test_an_error_beside_the_vertex_insertion_reaches_the_caller() -> None:

@@ -12,9 +12,10 @@ benchmarks/bench_crf.py for the measured ratios).
 The kernels are compiled on first use (``cache=True``): ~15 s on an idle 16-core machine, up to a minute
 on a busy small one, once per machine and numba version. The code is written next to the module
 (``__pycache__``, or numba's user cache directory when that is not writable); later processes, CRF
-worker processes included, load it from there (~1 s). Calls are serialised by a lock (numba's
-``workqueue`` threading layer, the fork-safe one used on Linux, is not reentrant; each call uses
-``threads`` cores anyway).
+worker processes included, load it from there (~1 s). Threads come from numba's TBB layer where the
+``tbb`` wheel is installed (Linux x86-64: a dependency), else from its ``workqueue`` layer (10% slower
+here: ~25 us per parallel launch, against ~2.5 us). Calls are serialised by a lock (workqueue is not
+reentrant; each call uses ``threads`` cores anyway).
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def _build_lattice_beside(features: np.ndarray, beside: Callable[[], R]) -> tupl
 def _side_by_side(serial: Callable[[], S], beside: Callable[[], R]) -> tuple[S, R]:
     """``(serial(), beside())``: ``serial`` (a GIL-releasing, non-parallel kernel) on a helper thread and
     ``beside`` here with one numba thread fewer, when this thread has two or more; else one after the
-    other. Only this thread launches parallel kernels (the workqueue layer is not reentrant)."""
+    other. Only this thread launches parallel kernels (numba's workqueue layer is not reentrant)."""
     import numba
 
     threads = numba.get_num_threads()
@@ -204,6 +205,8 @@ def clear_cache() -> None:
 def _num_threads(threads: int | None) -> Iterator[None]:
     """Use ``threads`` of numba's threads (capped at ``NUMBA_NUM_THREADS``) for this call."""
     import numba
+
+    from . import _numba_kernels  # noqa: F401 - it picks the threading layer, fixed by numba's first thread call
 
     if threads is None or threads == 0:
         yield
