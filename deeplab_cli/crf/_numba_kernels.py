@@ -266,20 +266,6 @@ def blur_neighbours(keys: np.ndarray, table: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(cache=True, nogil=True)
-def vertices_serially(
-    rem0: np.ndarray, rank: np.ndarray, bary: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`insert_vertices`, then the blur neighbours and ``K 1`` (:func:`filter_ones`) on this thread
-    alone, the GIL released: ``offsets``, ``nbr`` and ``ones`` for a helper thread (see
-    ``numba_backend._build_lattice_beside``)."""
-    offsets, keys, table = insert_vertices(rem0, rank)
-    m, d = keys.shape
-    nbr = np.full((d + 1, m, 2), _MISSING, np.int32)
-    _neighbours_of(keys, table, 0, m, nbr)
-    return offsets, nbr, filter_ones(offsets[: len(bary)], bary, nbr)
-
-
 @njit(cache=True, inline="always")
 def _neighbours_of(keys: np.ndarray, table: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
     """:func:`blur_neighbours` of the vertices ``start`` to ``stop``."""
@@ -393,7 +379,8 @@ def _scatter(
     pixel rows, the ~M x C vertex values staying in cache (4x faster than gathering rows per vertex).
     Labels go 24 at a time: their ``q[p] * norm[p]`` stays in three registers while each corner's row is
     updated (a pixel's corners are distinct vertices), which amortises loading the corner's vertex and
-    weight over three vectors (~1.6x faster than a vector at a time).
+    weight over three vectors (~1.6x faster than a vector at a time). Rows of exactly 24 labels have their
+    own loop, without the general loop's branches (3% of the mean field on VOC images).
     """
     n, k1 = offsets.shape
     c = q.shape[1]
@@ -402,6 +389,20 @@ def _scatter(
         row = vals[v]
         for j in range(0, c, LANES):
             store8(row, j, zero)
+    if c == 3 * LANES:  # 17-24 labels: most models
+        for p in range(n):
+            nm = splat8(norm[p])
+            src = q[p]
+            x0 = vmul(load8(src, 0), nm)
+            x1 = vmul(load8(src, LANES), nm)
+            x2 = vmul(load8(src, 2 * LANES), nm)
+            for r in range(k1):
+                dst = vals[offsets[p, r]]
+                w = splat8(bary[p, r])
+                store8(dst, 0, vadd(load8(dst, 0), vmul(w, x0)))
+                store8(dst, LANES, vadd(load8(dst, LANES), vmul(w, x1)))
+                store8(dst, 2 * LANES, vadd(load8(dst, 2 * LANES), vmul(w, x2)))
+        return
     for p in range(n):
         nm = splat8(norm[p])
         src = q[p]
@@ -604,18 +605,18 @@ def mean_field(
             scratch = np.empty(c, np.float32)
             end = min(n, (blk + 1) * BLOCK)
             for p0 in range(blk * BLOCK, end, SUB):
-                for p in range(p0, min(end, p0 + SUB)):
-                    row = q[p]
-                    u = neg_unary[p]
-                    if both_2d:
-                        _slice_both_2d(row, u, p, kernel1, kernel2)
-                        continue
-                    for j in range(0, c, LANES):
-                        store8(row, j, load8(u, j))
-                    _slice_add(row, acc, p, offsets1, bary1, v1, norm1, w1, alpha1, scalar_path)
-                    if n_kernels > 1:
-                        _slice_add(row, acc, p, offsets2, bary2, v2, norm2, w2, alpha2, scalar_path)
                 stop = min(end, p0 + SUB)
+                if both_2d:  # decided per tile, not per pixel: the pixel loop compiles ~30% faster
+                    for p in range(p0, stop):
+                        _slice_both_2d(q[p], neg_unary[p], p, kernel1, kernel2)
+                else:
+                    for p in range(p0, stop):
+                        row = q[p]
+                        for j in range(0, c, LANES):
+                            store8(row, j, load8(neg_unary[p], j))
+                        _slice_add(row, acc, p, offsets1, bary1, v1, norm1, w1, alpha1, scalar_path)
+                        if n_kernels > 1:
+                            _slice_add(row, acc, p, offsets2, bary2, v2, norm2, w2, alpha2, scalar_path)
                 if last:
                     for p in range(p0, stop):
                         _softmax_into(q[p], n_classes, masks, out, p, True, scratch)

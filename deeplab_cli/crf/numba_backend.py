@@ -104,12 +104,11 @@ def _build_lattice_beside(features: np.ndarray, beside: Callable[[], R]) -> tupl
     The vertex insertion is the one serial step of the build (densecrf's numbering is the order of first
     use); with two or more numba threads it runs on a helper thread (the kernel releases the GIL) while
     this thread runs ``beside`` (parallel kernels allowed) on one numba thread fewer, so that a second
-    core is not left idle for those ~20 ms per VOC image. With two threads the helper also finds the
-    blur neighbours and the normaliser (~10 ms more: about what ``beside``, making the unary on one
-    thread, takes longer than the insertion).
+    core is not left idle for those ~17 ms per VOC image. The blur neighbours and the normaliser follow
+    on all threads. (Also finding the neighbours and the normaliser on the helper, serially, balanced
+    the two sides while the unary took as long as the insertion; with the unary at ~11 ms it is ~2%
+    slower end to end.)
     """
-    import numba
-
     from . import _numba_kernels as nk
 
     features = np.ascontiguousarray(features, dtype=np.float32)
@@ -121,13 +120,9 @@ def _build_lattice_beside(features: np.ndarray, beside: Callable[[], R]) -> tupl
     with _LOCK:
         nk.locate(features, _scale_factors(d), rem0, rank, bary)
         bary = bary[:n]  # the padding point splats and slices nothing
-        if numba.get_num_threads() <= 2:  # the helper's serial share can include the rest
-            serial = partial(nk.vertices_serially, rem0, rank, bary)
-            (offsets, nbr, ones), result = _side_by_side(serial, beside)
-        else:  # many threads: the neighbours and the normaliser are faster in parallel afterwards
-            (offsets, keys, table), result = _side_by_side(partial(nk.insert_vertices, rem0, rank), beside)
-            nbr = nk.blur_neighbours(keys, table)
-            ones = nk.filter_ones(offsets[:n], bary, nbr)
+        (offsets, keys, table), result = _side_by_side(partial(nk.insert_vertices, rem0, rank), beside)
+        nbr = nk.blur_neighbours(keys, table)
+        ones = nk.filter_ones(offsets[:n], bary, nbr)
         del rem0, rank
         offsets = offsets[:n]
     norm = (1.0 / np.sqrt(ones.astype(np.float64) + 1e-20)).astype(np.float32)
