@@ -135,6 +135,21 @@ def locate(
                 bary[p, i] = bc[i]
 
 
+@njit(cache=True, parallel=True)
+def bilateral_features(image: np.ndarray, xy_std: np.float32, rgb_std: np.float32, out: np.ndarray) -> None:
+    """DenseCRF2D's bilateral features of an H x W x 3 uint8 image into the H*W x 5 float32 ``out``:
+    ``(x, y) / xy_std, (r, g, b) / rgb_std`` per pixel, row-major."""
+    h, w, _ = image.shape
+    for y in prange(h):
+        fy = np.float32(y) / xy_std
+        for x in range(w):
+            row = out[y * w + x]
+            row[0] = np.float32(x) / xy_std
+            row[1] = fy
+            for k in range(3):
+                row[2 + k] = np.float32(image[y, x, k]) / rgb_std
+
+
 @njit(cache=True, inline="always")
 def _mix(h: np.uint64) -> np.uint64:
     return h ^ (h >> np.uint64(29))
