@@ -6,13 +6,14 @@ smoothness kernel's is cached per image size), neighbour indices are precomputed
 contiguous and padded to whole SIMD vectors; the splat is a serial scatter in pixel order (the two
 kernels on two threads, the smoothness kernel's blur after its splat), the appearance blur and slice +
 softmax run on all of numba's threads (vertices, pixels). The lattice's serial vertex insertion runs on
-a helper thread while the unary is made. Per core it does less than half of pydensecrf's work (see
+a helper thread while the unary is made. Per core it does about a third of pydensecrf's work (see
 benchmarks/bench_crf.py for the measured ratios).
 
-The kernels are compiled on first use (``cache=True``): ~15 s on an idle 16-core machine, up to a minute
-on a busy small one, once per machine and numba version. The code is written next to the module
-(``__pycache__``, or numba's user cache directory when that is not writable); later processes, CRF
-worker processes included, load it from there (~1 s). Threads come from numba's TBB layer where the
+The kernels are compiled on first use (``cache=True``): ~15 s on an idle 16-core machine, 36 s on an
+idle 2-core one, up to a minute on a busy small one, once per machine and numba version. The code is
+written next to the module (``__pycache__``, or numba's user cache directory when that is not writable);
+later processes, CRF worker processes included, load it from there (~0.5 s). Threads come from numba's
+TBB layer where the
 ``tbb`` wheel is installed (Linux x86-64: a dependency), else from its ``workqueue`` layer (10% slower
 here: ~25 us per parallel launch, against ~2.5 us). Calls are serialised by a lock (workqueue is not
 reentrant; each call uses ``threads`` cores anyway).
