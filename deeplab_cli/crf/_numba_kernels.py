@@ -715,8 +715,10 @@ def unary_from_probs(
                     row[ch] = tile[ch, k]
                 for ch in range(c, width):
                     row[ch] = np.float32(0.0)
-            if with_start:  # after the whole tile: a vector load of a row just stored a label at a time
-                _softmax_rows_into(out, start, p0, p0 + count, c, masks, scratch)  # stalls (3x slower)
+            # After the whole tile: loading a row as vectors right after storing it label by label stalls
+            # store forwarding (3x slower).
+            if with_start:
+                _softmax_rows_into(out, start, p0, p0 + count, c, masks, scratch)
 
 
 @njit(cache=True, parallel=True, nogil=True)
