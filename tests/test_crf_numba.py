@@ -423,3 +423,47 @@ print(json.dumps({"seconds": time.perf_counter() - start, "stats": {n: [sum(h.va
     assert {"locate", "mean_field", "unary_from_probs"} <= set(used), report
     assert {"insert_vertices", "blur_neighbours", "filter_ones"} <= set(used), report
     assert all(misses == 0 and hits > 0 for hits, misses in used.values()), report
+
+
+def test_a_worker_warm_up_loads_every_kernel_of_both_paths() -> None:
+    """CRF workers warm up before their first image: the probabilities' path and the logits' (what
+    ``segment`` runs) must both be compiled or loaded then, not at the first image."""
+    from deeplab_cli.crf.numba_backend import warm_up
+
+    warm_up()  # compiled here if the cache lacks anything
+    code = """
+import json
+from deeplab_cli.crf import _numba_kernels as nk
+from deeplab_cli.crf.numba_backend import warm_up
+warm_up()
+print(json.dumps({n: [sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values())]
+                  for n, f in vars(nk).items() if hasattr(f, "stats")}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    used = {name: hm for name, hm in json.loads(done.stdout.splitlines()[-1]).items() if hm != [0, 0]}
+    both_paths = {"bilateral_features", "locate", "insert_vertices", "blur_neighbours", "filter_ones"}
+    both_paths |= {"mean_field", "unary_from_probs", "rows_from_planes", "unary_from_logits"}
+    assert both_paths <= set(used), used
+    assert all(misses == 0 for _, misses in used.values()), used
+
+
+def test_processes_warm_up_one_at_a_time() -> None:
+    """The warm-up's lock: processes starting together take turns (so a cold cache is compiled once)."""
+    code = """
+import sys, time
+from deeplab_cli.crf.numba_backend import _one_process_at_a_time
+with _one_process_at_a_time():
+    start = time.time()
+    time.sleep(1.0)
+    print(start, time.time())
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    runs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(3)
+    ]
+    spans = sorted(tuple(map(float, run.communicate(timeout=120)[0].split())) for run in runs)
+    assert all(run.returncode == 0 for run in runs)
+    assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False)), spans

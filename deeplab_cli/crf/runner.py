@@ -119,10 +119,16 @@ def _init_worker(params: dict[str, object], backend: str, threads: int, parent: 
 
 
 def _warm_up() -> int:
-    """Run the backend once on a tiny image so that imports and JIT compilation happen at start-up."""
-    tiny_image = np.zeros((4, 4, 3), dtype=np.uint8)
-    tiny_probs = np.full((2, 4, 4), 0.5, dtype=np.float32)
-    _refine_in_worker(tiny_image, tiny_probs, None)
+    """Run the backend once on a tiny image so that imports and JIT compilation happen at start-up (for
+    numba: all its kernels, compiled by one worker while the others wait to load them)."""
+    if _WORKER["backend"] == "numba":
+        from .numba_backend import warm_up
+
+        warm_up()
+    else:
+        tiny_image = np.zeros((4, 4, 3), dtype=np.uint8)
+        tiny_probs = np.full((2, 4, 4), 0.5, dtype=np.float32)
+        _refine_in_worker(tiny_image, tiny_probs, None)
     return os.getpid()
 
 
