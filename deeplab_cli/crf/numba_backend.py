@@ -13,10 +13,9 @@ The kernels are compiled on first use (``cache=True``): ~15 s on an idle 16-core
 idle 2-core one, up to a minute on a busy small one, once per machine and numba version. The code is
 written next to the module (``__pycache__``, or numba's user cache directory when that is not writable);
 later processes, CRF worker processes included, load it from there (~0.5 s). Threads come from numba's
-TBB layer where the
-``tbb`` wheel is installed (Linux x86-64: a dependency), else from its ``workqueue`` layer (10% slower
-here: ~25 us per parallel launch, against ~2.5 us). Calls are serialised by a lock (workqueue is not
-reentrant; each call uses ``threads`` cores anyway).
+TBB layer where the ``tbb`` wheel is installed (Linux x86-64: a dependency), else from its ``workqueue``
+layer (10% slower here: ~25 us per parallel launch, against ~2.5 us). Calls are serialised by a lock
+(workqueue is not reentrant; each call uses ``threads`` cores anyway).
 """
 
 from __future__ import annotations
@@ -332,7 +331,7 @@ def refine_numba_logits(
 def warm_up() -> None:
     """Compile (the first use on this machine) or load every kernel that :func:`refine_numba` and
     :func:`refine_numba_logits` run, one process at a time: CRF workers that start together on a cold
-    cache then compile once, not once each (~36 s of two cores each); the others load what it wrote."""
+    cache then compile once (36 s on a 2-core machine), not once each; the others load what it wrote."""
     image = np.zeros((4, 4, 3), np.uint8)
     params = CRFParams(iterations=1)
     near, far, weight = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), np.full(4, 0.5, np.float32)
