@@ -467,3 +467,23 @@ with _one_process_at_a_time():
     spans = sorted(tuple(map(float, run.communicate(timeout=120)[0].split())) for run in runs)
     assert all(run.returncode == 0 for run in runs)
     assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False)), spans
+
+
+def test_the_warm_up_says_so_when_it_compiles_and_is_silent_when_it_loads(tmp_path) -> None:
+    """CRF workers print a notice when their warm-up compiles (about a minute, once): the hook fires on
+    an empty kernel cache, and not when the kernels are already there."""
+    from deeplab_cli.crf.numba_backend import warm_up
+
+    said: list[int] = []
+    warm_up(lambda: said.append(1))
+    assert said == []
+    code = """
+from deeplab_cli.crf.numba_backend import warm_up
+said = []
+warm_up(lambda: said.append(1))
+print(len(said))
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "1", done.stdout

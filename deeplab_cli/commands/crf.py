@@ -108,7 +108,7 @@ def tune(
     2 usage error, 130 interrupted.
     """
     from deeplab_cli.crf.params import CRFParams
-    from deeplab_cli.crf.runner import CRFRunner
+    from deeplab_cli.crf.runner import CRFRunner, set_notices
     from deeplab_cli.errors import DeeplabError
     from deeplab_cli.evaluate import check_writable
     from deeplab_cli.runtime import Segmenter
@@ -131,6 +131,7 @@ def tune(
     check_writable(target)
     # the search runs after the network pass, so it may use every core (one thread per worker)
     workers = workers if workers is not None else (os.cpu_count() or 1)
+    set_notices(not quiet)
     runner = CRFRunner(CRFParams(), crf_backend, device, workers, threads=1)
     with runner:
         dataset = data.open(count)

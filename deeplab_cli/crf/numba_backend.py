@@ -328,16 +328,26 @@ def refine_numba_logits(
         return _refine(image, unary, c, params)
 
 
-def warm_up() -> None:
+def warm_up(when_slow: Callable[[], object] | None = None, slow_s: float = 2.0) -> None:
     """Compile (the first use on this machine) or load every kernel that :func:`refine_numba` and
     :func:`refine_numba_logits` run, one process at a time: CRF workers that start together on a cold
-    cache then compile once (36 s on a 2-core machine), not once each; the others load what it wrote."""
+    cache then compile once (36 s on a 2-core machine), not once each; the others load what it wrote.
+    ``when_slow()`` is called if this process's turn takes more than ``slow_s`` (loading takes ~0.5 s:
+    it is compiling)."""
     image = np.zeros((4, 4, 3), np.uint8)
     params = CRFParams(iterations=1)
     near, far, weight = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), np.full(4, 0.5, np.float32)
     with _one_process_at_a_time():
-        refine_numba(image, np.full((2, 4, 4), 0.5, np.float32), params)
-        refine_numba_logits(image, np.zeros((2, 2, 2), np.float32), (near, far, weight) * 2, params)
+        timer = threading.Timer(slow_s, when_slow) if when_slow is not None else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        try:
+            refine_numba(image, np.full((2, 4, 4), 0.5, np.float32), params)
+            refine_numba_logits(image, np.zeros((2, 2, 2), np.float32), (near, far, weight) * 2, params)
+        finally:
+            if timer is not None:
+                timer.cancel()
 
 
 @contextmanager

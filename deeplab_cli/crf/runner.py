@@ -22,6 +22,7 @@ import os
 import pickle
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
     from .core import LogitsGrid
 
-__all__ = ["CRFRunner", "CRFWorkerError", "default_crf_workers", "network_threads"]
+__all__ = ["CRFRunner", "CRFWorkerError", "default_crf_workers", "network_threads", "set_notices"]
 
 WATCHDOG_PERIOD_S = 0.25
 GPU_MAX_BATCH = 32
@@ -53,6 +54,15 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "N
 
 
 MAX_CRF_WORKERS = 8  # each worker holds one image's lattices and label arrays (about 1 GB at the 2 MP cap)
+COMPILING_NOTICE_AFTER_S = 2.0  # a warm-up slower than this is compiling the numba kernels (loading: ~0.5 s)
+_NOTICES = {"on": True}
+
+
+def set_notices(on: bool) -> bool:
+    """Whether CRF workers say on stderr that their first start on this machine is compiling the numba
+    kernels (a pause of about a minute, once); ``--quiet`` turns it off. Returns the previous setting."""
+    previous, _NOTICES["on"] = _NOTICES["on"], bool(on)
+    return previous
 
 
 def default_crf_workers(cores: int, network_on_gpu: bool) -> tuple[int, int]:
@@ -101,7 +111,7 @@ def _watch_parent(parent: int) -> None:
             os._exit(0)
 
 
-def _init_worker(params: dict[str, object], backend: str, threads: int, parent: int) -> None:
+def _init_worker(params: dict[str, object], backend: str, threads: int, parent: int, notices: bool) -> None:
     """Per-process setup: ignore the signals the parent handles, watch the parent, limit threads."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -115,7 +125,7 @@ def _init_worker(params: dict[str, object], backend: str, threads: int, parent: 
         import torch
 
         torch.set_num_threads(threads)
-    _WORKER.update(params=CRFParams.from_dict(params), backend=backend, threads=threads)
+    _WORKER.update(params=CRFParams.from_dict(params), backend=backend, threads=threads, notices=notices)
 
 
 def _warm_up() -> int:
@@ -124,12 +134,20 @@ def _warm_up() -> int:
     if _WORKER["backend"] == "numba":
         from .numba_backend import warm_up
 
-        warm_up()
+        warm_up(_say_compiling if _WORKER["notices"] else None, COMPILING_NOTICE_AFTER_S)
     else:
         tiny_image = np.zeros((4, 4, 3), dtype=np.uint8)
         tiny_probs = np.full((2, 4, 4), 0.5, dtype=np.float32)
         _refine_in_worker(tiny_image, tiny_probs, None)
     return os.getpid()
+
+
+def _say_compiling() -> None:
+    print(
+        "deeplab: compiling the CRF (once per installation and numba version; about a minute)...",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _refine_in_worker(
@@ -159,11 +177,11 @@ def _signals_blocked() -> Iterator[None]:
 
 
 def _worker_main(
-    conn: Connection, params: dict[str, object], backend: str, threads: int, parent: int
+    conn: Connection, params: dict[str, object], backend: str, threads: int, parent: int, notices: bool
 ) -> None:
     """A CRF worker: set up, say ready, then refine what comes down the pipe until it closes."""
     try:
-        _init_worker(params, backend, threads, parent)
+        _init_worker(params, backend, threads, parent, notices)
         conn.send(("ok", _warm_up()))
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", _picklable(exc)))
@@ -264,7 +282,7 @@ class _ProcessPool:
         self._broken: Exception | None = None
         self._running = workers
         self._workers: list[tuple[BaseProcess, Connection]] = []
-        args = (params.to_dict(), backend, threads, os.getpid())
+        args = (params.to_dict(), backend, threads, os.getpid(), _NOTICES["on"])
         with _signals_blocked():  # children inherit the mask: no Ctrl-C traceback while they start
             for _ in range(workers):
                 ours, theirs = context.Pipe()
