@@ -84,6 +84,11 @@ def interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> Runs:
     return runs
 
 
+def medians(rounds: list[tuple[float, float]]) -> tuple[float, float]:
+    """Median wall and median CPU time of a case's rounds."""
+    return statistics.median(w for w, _ in rounds), statistics.median(c for _, c in rounds)
+
+
 def table(title: str, runs: Runs, ref: str | None) -> None:
     """Medians per case and, against ``ref``, the ratio of the medians and the median of the per-round
     ratios (each case against the reference of its own round: robust to the machine's drift)."""
@@ -92,10 +97,10 @@ def table(title: str, runs: Runs, ref: str | None) -> None:
     print(header + (f" {'per-round wall':>14s}" if ref else ""))
     base = runs.get(ref) if ref else None
     for name, rounds in runs.items():
-        wall, cpu = (statistics.median(x[i] for x in rounds) for i in (0, 1))
+        wall, cpu = medians(rounds)
         ratios = ""
         if base:
-            base_wall, base_cpu = (statistics.median(x[i] for x in base) for i in (0, 1))
+            base_wall, base_cpu = medians(base)
             paired = statistics.median(w / b for (w, _), (b, _) in zip(rounds, base, strict=True))
             ratios = f"{wall / base_wall:10.2f} {cpu / base_cpu:9.2f} {paired:14.2f}"
         print(f"  {name:24s} {wall * 1000:9.1f} {cpu * 1000:9.1f} {ratios}")
@@ -155,8 +160,7 @@ def main() -> None:
         nb.clear_cache()
         nb.lattices_for(image, LARGEFOV)
 
-    rounds = interleaved({"lattices": lattices}, args.repeats)["lattices"]
-    wall, cpu = (statistics.median(x[i] for x in rounds) for i in (0, 1))
+    wall, cpu = medians(interleaved({"lattices": lattices}, args.repeats)["lattices"])
     print(f"\nlattice build alone (both kernels): wall {wall * 1000:.1f} ms, cpu {cpu * 1000:.1f} ms")
     if args.no_large:
         return

@@ -174,10 +174,10 @@ def segment(
         raise UsageError("nothing to do: --no-mask without --overlay, --scores or --json")
     if quiet:
         from deeplab_cli import weights
-        from deeplab_cli.crf import runner
+        from deeplab_cli.crf.runner import set_notices
 
         weights.set_notice(None)  # a first use still converts, silently
-        runner.set_notices(False)  # and compiles the CRF silently
+        set_notices(False)  # and compiles the CRF silently
     segmenter = _segmenter(model, device, batch_size, resize, max_size, sessions)
     runner = _crf_runner(crf, segmenter, device)
     with ProgressBar("segment", quiet=quiet) as bar:

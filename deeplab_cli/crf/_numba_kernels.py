@@ -191,7 +191,7 @@ def _hash(keys: np.ndarray, row: int) -> np.uint64:
     return _mix(h)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def _rehash(keys: np.ndarray, m: int, capacity: int) -> np.ndarray:
     table = np.full(capacity, -1, np.int32)
     mask = np.uint64(capacity - 1)
@@ -309,39 +309,32 @@ def blur_neighbours(keys: np.ndarray, table: np.ndarray) -> np.ndarray:
     ``u`` has one previous vertex, so no two threads write the same entry.
     """
     m, d = keys.shape
-    out = np.full((d + 1, m, 2), _MISSING, np.int32)
-    n_blocks = (m + BLOCK - 1) // BLOCK
-    for b in prange(n_blocks):
-        _neighbours_of(keys, table, b * BLOCK, min(m, (b + 1) * BLOCK), out)
-    return out
-
-
-@njit(cache=True, inline="always")
-def _neighbours_of(keys: np.ndarray, table: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
-    """:func:`blur_neighbours` of the vertices ``start`` to ``stop``."""
-    d = keys.shape[1]
     k1 = d + 1
+    out = np.full((k1, m, 2), _MISSING, np.int32)
     power, every = _hash_powers(d)
     mask = np.uint64(table.size - 1)
-    for v in range(start, stop):
-        plus_one = every  # unmixed hash of keys[v] + 1 (see _hash: linear in the keys)
-        for i in range(d):
-            plus_one += np.uint64(np.int64(keys[v, i])) * power[i]
-        for j in range(k1):
-            # axis j: +1 on every coordinate but the j-th, which takes -d (+1 - (d+1))
-            h = _mix(plus_one - np.uint64(k1) * power[j] if j < d else plus_one) & mask
-            u = _MISSING
-            while True:
-                e = table[h]
-                if e < 0:
-                    break
-                if _is_step(keys, e, v, j):
-                    u = e
-                    break
-                h = (h + np.uint64(1)) & mask
-            out[j, v, 1] = u
-            if u >= 0:
-                out[j, u, 0] = v
+    n_blocks = (m + BLOCK - 1) // BLOCK
+    for b in prange(n_blocks):
+        for v in range(b * BLOCK, min(m, (b + 1) * BLOCK)):
+            plus_one = every  # unmixed hash of keys[v] + 1 (see _hash: linear in the keys)
+            for i in range(d):
+                plus_one += np.uint64(np.int64(keys[v, i])) * power[i]
+            for j in range(k1):
+                # axis j: +1 on every coordinate but the j-th, which takes -d (+1 - (d+1))
+                h = _mix(plus_one - np.uint64(k1) * power[j] if j < d else plus_one) & mask
+                u = _MISSING
+                while True:
+                    e = table[h]
+                    if e < 0:
+                        break
+                    if _is_step(keys, e, v, j):
+                        u = e
+                        break
+                    h = (h + np.uint64(1)) & mask
+                out[j, v, 1] = u
+                if u >= 0:
+                    out[j, u, 0] = v
+    return out
 
 
 @njit(cache=True, inline="always")
@@ -354,7 +347,7 @@ def _is_step(keys: np.ndarray, e: int, v: int, j: int) -> bool:
     return True
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def _hash_powers(d: int) -> tuple[np.ndarray, np.uint64]:
     """``MUL**(d-i)`` for i < d (coordinate i's factor in the unmixed hash, see :func:`_hash`) and their
     sum (the unmixed hash of +1 on every coordinate)."""
@@ -390,7 +383,7 @@ def splat_lists(offsets: np.ndarray, bary: np.ndarray, m: int) -> tuple[np.ndarr
     return ptr, pix, wts
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def filter_ones(offsets: np.ndarray, bary: np.ndarray, nbr: np.ndarray) -> np.ndarray:
     """``K 1`` as densecrf computes the normaliser (its scalar path: blur in double, slice (w v) alpha)."""
     n, k1 = offsets.shape

@@ -338,16 +338,14 @@ def warm_up(when_slow: Callable[[], object] | None = None, slow_s: float = 2.0) 
     params = CRFParams(iterations=1)
     near, far, weight = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), np.full(4, 0.5, np.float32)
     with _one_process_at_a_time():
-        timer = threading.Timer(slow_s, when_slow) if when_slow is not None else None
-        if timer is not None:
-            timer.daemon = True
-            timer.start()
+        timer = threading.Timer(slow_s, when_slow or (lambda: None))
+        timer.daemon = True
+        timer.start()
         try:
             refine_numba(image, np.full((2, 4, 4), 0.5, np.float32), params)
             refine_numba_logits(image, np.zeros((2, 2, 2), np.float32), (near, far, weight) * 2, params)
         finally:
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
 
 
 @contextmanager
